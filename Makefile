@@ -1,0 +1,32 @@
+# Two commands do all the work on a fresh machine: `make demo` and `make test`.
+# Both create the virtual environment first (CPU torch pinned so no CUDA build is downloaded).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	# --no-build-isolation: deepspeed builds against the torch installed above, never a fresh CUDA one.
+	PIP_CONSTRAINT= $(PY) -m pip install -q --no-build-isolation -e ".[test]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m t2i_ds.demo --out runs/demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_fused_ce.py
+	$(PY) benchmarks/bench_attention.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
