@@ -1,0 +1,162 @@
+"""open_lm checkpoint I/O and vocabulary extension.
+
+open_lm saves `{"state_dict": ..., "epoch": ..., ...}` (or a bare state dict) with its own key
+names; DDP adds `module.`, torch.compile adds `_orig_mod.`. Rotary models carry
+`layers.{i}.attention.pos_embed.inv_freq` buffers, which a NoPE model does not have.
+Loading is strict: any missing, unexpected or mis-shaped key is an error that lists them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from t2i_ds.model.layers import trunc_normal_
+
+PREFIXES = ("module.", "_orig_mod.")
+EMBED_KEYS = ("tok_embeddings.weight", "output.weight")
+INIT_MODES = ("random", "mean")
+
+
+class CheckpointMismatch(ValueError):
+    """A state dict that does not fit the model; the message lists every offending key."""
+
+
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in PREFIXES:
+            key = key.replace(prefix, "")
+        out[key] = value
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read an open_lm checkpoint (.pt with or without "state_dict", or .safetensors), prefixes stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return strip_prefixes(load_file(str(path)))
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointMismatch(f"{path}: expected a state dict or {{'state_dict': ...}}, got {type(obj).__name__}")
+    return strip_prefixes(obj)
+
+
+def _reconcile_buffers(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tolerate rotary `inv_freq` buffers: drop them for a model without, keep the model's if absent."""
+    own = model.state_dict()
+    sd = {k: v for k, v in sd.items() if not (k.endswith(".inv_freq") and k not in own)}
+    for k, v in own.items():
+        if k.endswith(".inv_freq") and k not in sd:
+            sd[k] = v
+    return sd
+
+
+def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Strict load with one error listing missing, unexpected and mis-shaped keys."""
+    sd = _reconcile_buffers(model, strip_prefixes(state_dict))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(sd) & set(own)
+        if sd[k].shape != own[k].shape
+    )
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint does not match the model ({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mis-shaped)"]
+        lines += [f"  missing: {k}" for k in missing[:50]]
+        lines += [f"  unexpected: {k}" for k in unexpected[:50]]
+        lines += [f"  shape: {s}" for s in shapes[:50]]
+        raise CheckpointMismatch("\n".join(lines))
+    model.load_state_dict(sd, strict=True)
+
+
+def new_rows(old: torch.Tensor, n_new: int, init: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Rows for the extended vocabulary, (n_new, dim), in the dtype of `old`.
+
+    random: open_lm's embedding init, trunc_normal(std = 1/sqrt(dim), +-3 std).
+    mean:   every new row is the mean of the pre-trained rows.
+    """
+    dim = old.shape[1]
+    if init == "random":
+        rows = torch.empty(n_new, dim, dtype=torch.float32)
+        std = 1.0 / math.sqrt(dim)
+        if generator is None:
+            trunc_normal_(rows, std)
+        else:  # trunc_normal_ takes a generator from torch 2.x on; keep seeds reproducible
+            nn.init.trunc_normal_(rows, 0.0, std, -3 * std, 3 * std, generator=generator)
+    elif init == "mean":
+        rows = old.float().mean(0, keepdim=True).expand(n_new, dim).clone()
+    else:
+        raise ValueError(f"unknown row init {init!r}; choose one of {INIT_MODES}")
+    return rows.to(old.dtype)
+
+
+def extend_vocab(
+    state_dict: Mapping[str, torch.Tensor],
+    new_size: int,
+    init: str = "random",
+    seed: int = 0,
+    rows: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Grow `tok_embeddings` and `output` from V0 to `new_size` rows; rows [0, V0) are copied exactly.
+
+    `rows` optionally gives the new rows per key (e.g. from contrastive alignment), shape
+    (new_size - V0, dim); keys it does not name are initialised by `init`.
+    """
+    sd = dict(strip_prefixes(state_dict))
+    gen = torch.Generator().manual_seed(seed)
+    for key in EMBED_KEYS:
+        if key not in sd:
+            continue  # tied models store only one of them
+        old = sd[key]
+        if old.shape[0] > new_size:
+            raise CheckpointMismatch(f"{key} has {old.shape[0]} rows, more than the new vocabulary {new_size}")
+        extra = new_size - old.shape[0]
+        given = None if rows is None else rows.get(key)
+        if given is not None and tuple(given.shape) != (extra, old.shape[1]):
+            raise CheckpointMismatch(f"rows for {key} have shape {tuple(given.shape)}, expected {(extra, old.shape[1])}")
+        add = given.to(old.dtype) if given is not None else new_rows(old, extra, init, gen)
+        sd[key] = torch.cat([old, add], dim=0)
+    return sd
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary name, fsync, then rename: a crash never leaves a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_open_lm(model_or_sd: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Save in open_lm's format (`{"state_dict": ...}`, .pt) or as .safetensors, atomically."""
+    sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else dict(model_or_sd)
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        if "output.weight" in sd and "tok_embeddings.weight" in sd and sd["output.weight"].data_ptr() == sd["tok_embeddings.weight"].data_ptr():
+            sd["tok_embeddings.weight"] = sd["tok_embeddings.weight"].clone()  # safetensors refuses shared storage
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file(sd, str(tmp))
+        os.replace(tmp, path)
+    else:
+        atomic_save({"state_dict": sd}, path)

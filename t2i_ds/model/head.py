@@ -1,0 +1,82 @@
+"""The LM head: owns the output weight [V, dim] and computes the loss in its own forward.
+
+Keeping the projection and the loss in one module matters for DeepSpeed ZeRO-3, which gathers a
+module's partitioned parameters only around that module's forward: the fused kernel reads
+`self.weight` inside `forward`, so it sees the full weight without any external-parameter hook.
+
+With targets, the head returns per-modality loss *sums* and target *counts* (text, image, special;
+split by target id range, paper Fig. 4), never a mean: the trainer divides once by the global
+target count of the whole batch, kept on device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from t2i_ds.vocab import IGNORE
+
+
+@dataclass
+class LossOutput:
+    """Loss of one micro-batch as sums, so micro-batches and ranks add up exactly.
+
+    loss_sum: scalar fp32, sum of per-token losses over non-ignored targets (carries the graph).
+    modality_sums: (M,) fp32, per-modality loss sums (detached), M = 3: text, image, special.
+    modality_counts: (M,) fp32, per-modality target counts.
+    """
+
+    loss_sum: torch.Tensor
+    modality_sums: torch.Tensor
+    modality_counts: torch.Tensor
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self.modality_counts.sum()
+
+
+def modality_index(targets: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:
+    """Bucket of each target id: 0 below bounds[0], 1 below bounds[1], ...; -1 where ignored."""
+    idx = torch.bucketize(targets, torch.tensor(bounds, device=targets.device), right=True)
+    return torch.where(targets < 0, -1, idx)
+
+
+def split_by_modality(
+    loss: torch.Tensor, targets: torch.Tensor, bounds: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses (N,) -> (sums (M,), counts (M,)) in fp32, with torch ops only (no sync)."""
+    m = len(bounds) + 1
+    idx = modality_index(targets, bounds)  # (N,), -1 where ignored
+    onehot = (idx[:, None] == torch.arange(m, device=idx.device)[None]).to(torch.float32)  # (N, M)
+    return loss.detach().float() @ onehot, onehot.sum(0)
+
+
+def per_token_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, impl: str) -> torch.Tensor:
+    """(N, dim) x (V, dim) -> (N,) fp32 per-token loss, 0 where targets == IGNORE."""
+    if impl == "torch":
+        logits = F.linear(h, weight).float()  # (N, V): the full logits, reference path
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+    from t2i_kernels.chunked_ce import linear_cross_entropy
+
+    return linear_cross_entropy(h, weight, targets, ignore_index=IGNORE, impl=impl)
+
+
+class LMHead(nn.Module):
+    """Output projection + loss. Parameter name `weight` so the key is open_lm's `output.weight`."""
+
+    def __init__(self, dim: int, vocab_size: int, modality_bounds: tuple[int, ...] = (), loss_impl: str = "auto"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+        self.modality_bounds = tuple(modality_bounds)
+        self.loss_impl = loss_impl
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor | LossOutput:
+        # h: (B, S, dim); targets: (B, S) or None
+        if targets is None:
+            return F.linear(h, self.weight).float()  # (B, S, V) logits, fp32 as open_lm returns them
+        loss = per_token_cross_entropy(h.flatten(0, 1), self.weight, targets.flatten(), self.loss_impl)  # (B*S,)
+        sums, counts = split_by_modality(loss, targets.flatten(), self.modality_bounds)
+        return LossOutput(loss.sum(), sums, counts)

@@ -1,0 +1,149 @@
+"""Building blocks of the open_lm decoder, with open_lm's module and parameter names.
+
+Names matter: `layers.{i}.attention.in_proj.weight`, `...feed_forward.w12.weight`, etc. are the
+keys of open_lm checkpoints, so they load without a mapping table. Nothing here knows about
+distribution.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from t2i_ds.model.args import ModelArgs
+from t2i_ds.model.attention import attention
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, S_past, H, D)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """open_lm's norm choices; parameter names `weight` (+ `bias` for layer_norm)."""
+    if kind == "layer_norm":  # open_lm `default_layer_norm`, the released 1B
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "gain_only_layer_norm":
+        return nn.LayerNorm(dim, eps=eps, bias=False)
+    if kind == "rms_norm":
+        return nn.RMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm_type {kind!r}")
+
+
+def trunc_normal_(t: torch.Tensor, std: float) -> None:
+    """open_lm initialisation: truncated normal at +-3 std."""
+    nn.init.trunc_normal_(t, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Half-split (GPT-NeoX) convention: (x1, x2) -> (-x2, x1) over the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """open_lm `rotary` (positions along the sequence) and `head_rotary` (the released 1B's bug).
+
+    Both keep `inv_freq` as a persistent buffer because open_lm checkpoints contain it.
+    head_rotary: xformers' original code rotated along dim -2 of [B, S, H, D], i.e. the head index
+    is the "position", the same angle for every token; q and k of head h get the same rotation R_h,
+    so (R_h q) . (R_h k) = q . k and attention scores are unchanged (effectively NoPE).
+    """
+
+    def __init__(self, head_dim: int, theta: float, by_head: bool):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq)  # (D/2,)
+        self.by_head = by_head
+
+    def _cos_sin(self, n: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.arange(offset, offset + n, device=device, dtype=torch.float32)  # (n,)
+        freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))  # (n, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (n, D)
+        return emb.cos(), emb.sin()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        # q, k: (B, S, H, D)
+        if self.by_head:
+            cos, sin = self._cos_sin(q.shape[2], 0, q.device)  # (H, D): position = head index
+            cos, sin = cos[None, None], sin[None, None]  # (1, 1, H, D)
+        else:
+            cos, sin = self._cos_sin(q.shape[1], offset, q.device)  # (S, D)
+            cos, sin = cos[None, :, None], sin[None, :, None]  # (1, S, 1, D)
+        q_out = q.float() * cos + rotate_half(q.float()) * sin
+        k_out = k.float() * cos + rotate_half(k.float()) * sin
+        return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+class CustomAttn(nn.Module):
+    """open_lm `CustomAttn`: fused in_proj [Wq; Wk; Wv], optional qk-norm, rotary, out_proj."""
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.head_dim = args.n_heads, args.head_dim
+        self.in_proj = nn.Linear(args.dim, 3 * args.dim, bias=False)
+        self.out_proj = nn.Linear(args.dim, args.dim, bias=False)
+        if args.pos_embed in ("rotary", "head_rotary"):
+            self.pos_embed = RotaryEmbedding(args.head_dim, args.rotary_theta, args.pos_embed == "head_rotary")
+        else:
+            self.pos_embed = None
+        self.q_norm = make_norm(args.norm_type, args.dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = make_norm(args.norm_type, args.dim, args.norm_eps) if args.qk_norm else None
+        self.backend = args.attn_backend
+        self.layer_id = layer_id
+        self.dim = args.dim
+
+    def reset_parameters(self) -> None:
+        std = 1.0 / math.sqrt(self.dim)
+        trunc_normal_(self.in_proj.weight, std)
+        trunc_normal_(self.out_proj.weight, std / math.sqrt(2 * (self.layer_id + 1)))  # depth-scaled
+
+    def forward(self, x: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        B, S, _ = x.shape  # (B, S, dim)
+        q, k, v = self.in_proj(x).chunk(3, dim=-1)  # 3 x (B, S, dim)
+        if self.q_norm is not None:  # open_lm normalises the full vectors, before the head split
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.view(B, S, self.n_heads, self.head_dim) for t in (q, k, v))  # (B, S, H, D)
+        past_len = 0 if past is None else past[0].shape[1]
+        if self.pos_embed is not None:
+            q, k = self.pos_embed(q, k, offset=past_len)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=1), torch.cat((past[1], v), dim=1)  # (B, S_past + S, H, D)
+        out = attention(q, k, v, causal=True, backend=self.backend)  # (B, S, H, D)
+        return self.out_proj(out.reshape(B, S, self.dim)), (k, v)
+
+
+class SwiGLU(nn.Module):
+    """xformers SwiGLU as open_lm uses it: w12 = [W_gate; W_up] fused, out = w3(silu(gate) * up)."""
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.hidden = args.ffn_hidden
+        self.w12 = nn.Linear(args.dim, 2 * self.hidden, bias=False)
+        self.w3 = nn.Linear(self.hidden, args.dim, bias=False)
+        self.layer_id = layer_id
+        self.dim = args.dim
+
+    def reset_parameters(self) -> None:
+        trunc_normal_(self.w12.weight, 1.0 / math.sqrt(self.dim))
+        trunc_normal_(self.w3.weight, 1.0 / math.sqrt(self.hidden) / math.sqrt(2 * (self.layer_id + 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w12(x).chunk(2, dim=-1)  # 2 x (B, S, hidden); the first half is the gate
+        return self.w3(F.silu(gate) * up)  # (B, S, dim)
+
+
+class Block(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attention = CustomAttn(layer_id, args)
+        self.feed_forward = SwiGLU(layer_id, args)
+        self.attention_norm = make_norm(args.norm_type, args.dim, args.norm_eps)
+        self.ffn_norm = make_norm(args.norm_type, args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        a, kv = self.attention(self.attention_norm(x), past)
+        h = x + a
+        return h + self.feed_forward(self.ffn_norm(h)), kv

@@ -1,0 +1,39 @@
+"""Shared test set-up: CPU by default, GPU tests behind `requires_cuda`, Triton in interpreter mode.
+
+No CUDA query happens at import time of project code; only here, once, for markers.
+"""
+
+import os
+from pathlib import Path
+
+# Triton kernels run on CPU tensors through the interpreter when there is no GPU. This must be set
+# before triton is imported anywhere in the test process.
+try:
+    import torch as _torch
+
+    _HAS_CUDA = _torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _HAS_CUDA else os.environ.get("DS_ACCELERATOR", "cuda"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+NEOX_BPE = FIXTURES / "neox-20b-bpe.json"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "requires_cuda" in item.keywords and not _HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="session")
+def neox_tokenizer():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(NEOX_BPE))
