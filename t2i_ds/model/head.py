@@ -11,7 +11,7 @@ target count of the whole batch, kept on device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -20,9 +20,12 @@ import torch.nn.functional as F
 from t2i_ds.vocab import IGNORE
 
 
-@dataclass
-class LossOutput:
+class LossOutput(NamedTuple):
     """Loss of one micro-batch as sums, so micro-batches and ranks add up exactly.
+
+    A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 re-gathers a module's parameters before its
+    backward through hooks on the tensors of the module's output, and it only looks inside tuples,
+    lists and dicts. With a dataclass the head's backward would see its partitioned (empty) weight.
 
     loss_sum: scalar fp32, sum of per-token losses over non-ignored targets (carries the graph).
     modality_sums: (M,) fp32, per-modality loss sums (detached), M = 3: text, image, special.

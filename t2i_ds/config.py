@@ -1,0 +1,287 @@
+"""Typed run configuration: dataclasses with documented, validated fields; presets as code.
+
+The DeepSpeed JSON (`--ds_config`) carries only engine knobs (ZeRO stage, precision, offload).
+Batch numbers (micro-batch, gradient accumulation, train_batch_size) are derived from this config
+and the world size in one place, `t2i_ds.trainer.batching.resolve_batch`.
+
+Command line: `--preset NAME` picks a preset, `--set section.field=value` overrides any field
+(values parsed as JSON where possible, e.g. `--set optim.lr=1e-4 --set data.path=/shards`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from t2i_ds.data.config import DataConfig
+from t2i_ds.model.args import PRESETS as MODEL_PRESETS
+from t2i_ds.vocab import Vocab
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the field and the value."""
+
+
+@dataclass
+class VocabConfig:
+    """Sizes of the id ranges (see t2i_ds.vocab.Vocab); defaults are the paper's."""
+
+    text_size: int = 50_432
+    """Text rows (open_lm's padded NeoX table)."""
+    image_size: int = 16_384
+    """Image codebook size (MoVQGAN)."""
+    image_tokens: int = 1_024
+    """Tokens per image (32 x 32 grid)."""
+    seq_len: int = 1_152
+    """Model input length of one sample."""
+    pad_id: int = 1
+    """Input id of padding (never a target)."""
+    real_text_size: int = 50_277
+    """Ids the text tokenizer can produce."""
+
+    def build(self) -> Vocab:
+        return Vocab(**dataclasses.asdict(self))
+
+
+@dataclass
+class ModelConfig:
+    """Which architecture; `overrides` patches ModelArgs fields (vocab_size always comes from the Vocab)."""
+
+    preset: str = "open_lm_1b"
+    """A name from t2i_ds.model.args.PRESETS."""
+    overrides: dict = field(default_factory=dict)
+    """ModelArgs fields to change, e.g. {"attn_backend": "triton", "loss_impl": "chunked"}."""
+    grad_checkpointing: bool = False
+    """Recompute each block in backward (activation checkpointing)."""
+    compile: bool = False
+    """torch.compile the model before DeepSpeed wraps it."""
+
+    def __post_init__(self) -> None:
+        if self.preset not in MODEL_PRESETS:
+            raise ConfigError(f"model.preset={self.preset!r} is unknown; choose one of {sorted(MODEL_PRESETS)}")
+
+
+@dataclass
+class InitConfig:
+    """How the weights start (paper: pre-trained open_lm-1b vs random init of the same architecture)."""
+
+    mode: str = "random"
+    """'random' (open_lm init) or 'pretrained' (an open_lm checkpoint, vocabulary extended)."""
+    checkpoint: str = ""
+    """open_lm checkpoint (.pt with "state_dict", bare state dict, or .safetensors) for 'pretrained'."""
+    new_rows: str = "random"
+    """Init of the extended rows: 'random' (open_lm's embedding init), 'mean' (mean of the old rows),
+    or 'aligned' (image rows from `python -m t2i_ds.align`)."""
+    aligned_rows: str = ""
+    """aligned_rows.safetensors written by the alignment command, for new_rows='aligned'."""
+    seed: int = 0
+    """Seed of the model init and of the new rows."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("random", "pretrained"):
+            raise ConfigError(f"init.mode={self.mode!r} must be 'random' or 'pretrained'")
+        if self.new_rows not in ("random", "mean", "aligned"):
+            raise ConfigError(f"init.new_rows={self.new_rows!r} must be 'random', 'mean' or 'aligned'")
+        if self.mode == "pretrained" and not self.checkpoint:
+            raise ConfigError("init.mode='pretrained' needs init.checkpoint")
+        if self.new_rows == "aligned" and not self.aligned_rows:
+            raise ConfigError("init.new_rows='aligned' needs init.aligned_rows")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay (paper: peak 3e-4, 2K warm-up)."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak (open_lm-1b: 3e-5 / 1e-3 ~ 0.03; 0.1 is common)."""
+    warmup_steps: int = 2_000
+    """Linear warm-up steps."""
+    betas: tuple = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (open_lm applies it to every parameter)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ConfigError(f"optim: lr={self.lr}, min_lr_ratio={self.min_lr_ratio}, warmup_steps={self.warmup_steps} out of range")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """Length of the run, batch target, logging and checkpoint cadence."""
+
+    tokens_per_step: int = 1_048_576
+    """Target tokens per optimizer step, global (paper: 1M). Rounded to whole sequences and to a
+    multiple of micro_batch x world size; refused when that misses by more than batch_tolerance."""
+    micro_batch: int = 8
+    """Sequences per device per micro-step."""
+    batch_tolerance: float = 0.1
+    """Largest accepted relative difference between achieved and target tokens per step."""
+    total_tokens: int = 100_000_000_000
+    """Training length in tokens (paper: 100B); `steps` overrides it when > 0."""
+    steps: int = 0
+    """Optimizer steps; 0 derives them from total_tokens."""
+    seed: int = 0
+    """Seed of data order and sampling (the model init has its own in init.seed)."""
+    run_dir: str = "runs/default"
+    """Directory of logs, checkpoints, the resolved config and the git revision."""
+    log_every: int = 10
+    """Steps between metric logs (the only host-device syncs of the loop)."""
+    ckpt_every: int = 1_000
+    """Steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)."""
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted."""
+    resume: str = "auto"
+    """'auto' (latest complete checkpoint in run_dir/checkpoints if any), 'never', or a path."""
+    probe_every: int = 0
+    """Steps between text probes (forgetting, paper Table 1); 0 disables."""
+    text_tokenizer: str = ""
+    """Text tokenizer (tokenizer.json or dir) for probes and samples; empty: the NeoX default."""
+    sample_every: int = 0
+    """Steps between image samples written to TensorBoard; 0 disables."""
+    image_tokenizer: str = ""
+    """Image tokenizer spec for samples, e.g. 'movqgan:/path' or 'demo:/path'."""
+    sample_captions: tuple = ()
+    """Captions drawn at each sample interval."""
+    data_source: str = "shards"
+    """'shards' (token shards, see data.*) or 'synthetic' (deterministic random sequences: throughput
+    benchmarks and golden-loss tests; identical global batches at any world size)."""
+    freeze: str = "full"
+    """Freezing preset (paper section 3.1): full, embed_output, embed_output_norms,
+    embed_output_norms_first_half, embed_output_norms_ffn."""
+    signal_check_every: int = 10
+    """Steps between the cross-rank agreement on a received SIGTERM/SIGINT (a tiny all-reduce)."""
+
+    def __post_init__(self) -> None:
+        self.sample_captions = tuple(self.sample_captions)
+        if self.tokens_per_step <= 0 or self.micro_batch <= 0:
+            raise ConfigError(f"train.tokens_per_step={self.tokens_per_step} and train.micro_batch={self.micro_batch} must be positive")
+        if self.data_source not in ("shards", "synthetic"):
+            raise ConfigError(f"train.data_source={self.data_source!r} must be 'shards' or 'synthetic'")
+        if self.log_every <= 0 or self.keep_last <= 0 or self.signal_check_every <= 0:
+            raise ConfigError("train.log_every, train.keep_last and train.signal_check_every must be positive")
+
+
+@dataclass
+class Config:
+    """One training run."""
+
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig | None = None
+    """Token shards to stream; required when train.data_source == 'shards'."""
+
+    def __post_init__(self) -> None:
+        if self.train.data_source == "shards" and self.data is None:
+            raise ConfigError("data.path is not set: give token shards with --set data.path=DIR")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---- presets ---------------------------------------------------------------------------------
+
+
+def _paper(**train) -> Config:
+    """The paper's recipe: open_lm-1b shape, 1M-token steps, 100B tokens, AdamW 3e-4, 2K warm-up."""
+    data = None if train.get("data_source") == "synthetic" else DataConfig(path="data/tokens")
+    model = ModelConfig(preset="open_lm_1b", grad_checkpointing=True)
+    return Config(model=model, train=TrainConfig(**train), data=data)
+
+
+def _tiny_vocab() -> VocabConfig:
+    return VocabConfig(text_size=300, image_size=64, image_tokens=16, seq_len=40, real_text_size=300)
+
+
+def _debug() -> Config:
+    """Seconds on a CPU: the debug model on deterministic synthetic sequences."""
+    return Config(
+        vocab=_tiny_vocab(),
+        model=ModelConfig(preset="debug", overrides={"loss_impl": "chunked"}),
+        optim=OptimConfig(lr=1e-3, warmup_steps=2),
+        train=TrainConfig(tokens_per_step=4 * 40, micro_batch=2, steps=6, log_every=1, ckpt_every=0,
+                          data_source="synthetic", run_dir="runs/debug"),
+    )
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    "debug": _debug,
+    "paper_t2i": lambda: _paper(),
+    "paper_synthetic": lambda: _paper(data_source="synthetic"),
+}
+
+
+def register_preset(name: str, fn: Callable[[], Config]) -> None:
+    PRESETS[name] = fn
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ---- overrides -------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string such as a path
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.field=value` overrides and re-validate every section."""
+    raw = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        key, value = item.split("=", 1)
+        parts = key.split(".")
+        node = raw
+        for p in parts[:-1]:
+            if p == "data" and node.get("data") is None:
+                node["data"] = {}
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"override {key!r}: no section {p!r}")
+            node = node[p]
+        if parts[-1] not in node and not (len(parts) >= 2 and parts[-2] == "overrides"):
+            raise ConfigError(f"override {key!r}: unknown field {parts[-1]!r}; fields are {sorted(node)}")
+        node[parts[-1]] = _parse_value(value)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict) -> Config:
+    """Rebuild (and so re-validate) a Config from plain data; unknown fields are errors."""
+    sections = {"vocab": VocabConfig, "model": ModelConfig, "init": InitConfig, "optim": OptimConfig, "train": TrainConfig}
+    unknown = set(raw) - set(sections) - {"data"}
+    if unknown:
+        raise ConfigError(f"unknown config sections {sorted(unknown)}")
+    kwargs = {}
+    try:
+        for name, cls in sections.items():
+            kwargs[name] = cls(**raw.get(name, {}))
+        data = raw.get("data")
+        kwargs["data"] = None if not data else DataConfig(**data)
+    except TypeError as e:  # unexpected keyword -> name it
+        raise ConfigError(f"config: {e}") from None
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return Config(**kwargs)

@@ -1,0 +1,51 @@
+"""Main command.
+
+    deepspeed --num_gpus 8 -m t2i_ds.train --ds_config ds_configs/zero2.json --preset paper_t2i \
+        --set data.path=/data/tokens --set train.run_dir=runs/t2i
+    python -m t2i_ds.train --ds_config ds_configs/zero2.json --preset debug      # single process
+
+Bad input (missing or invalid ds_config, unknown preset or field, a batch the world size cannot
+meet, a data path without shards) ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from t2i_ds.config import ConfigError, apply_overrides, preset
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="t2i_ds.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ds_config", required=True, help="DeepSpeed JSON: ZeRO stage, precision, offload")
+    p.add_argument("--preset", default="debug", help="run preset (t2i_ds.config.PRESETS)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field; repeatable")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from t2i_ds import presets  # noqa: F401  (registers the experiment presets)
+        from t2i_ds.trainer.batching import read_ds_config
+
+        cfg = apply_overrides(preset(args.preset), args.overrides)
+        ds_config = read_ds_config(args.ds_config)
+        from t2i_ds.trainer.trainer import Trainer
+
+        trainer = Trainer(cfg, ds_config)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"t2i_ds.train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Metrics accumulated on device and written to TensorBoard on rank 0 at log intervals only.
+
+Per step the loop adds detached device tensors (loss sums and target counts per modality); the
+single host-device sync happens in `flush`, every `log_every` steps, where the window's sums are
+all-reduced across ranks and turned into loss / perplexity per modality.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+
+from t2i_ds.vocab import MODALITY_NAMES
+
+PPL_CAP = 80.0  # exp() of a loss above this overflows float formatting; report inf-like values capped
+
+
+class MetricWindow:
+    """Sums over the steps since the last flush, on the training device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        m = len(MODALITY_NAMES)
+        self.sums = torch.zeros(m, dtype=torch.float64, device=self.device)
+        self.counts = torch.zeros(m, dtype=torch.float64, device=self.device)
+        self.steps = 0
+        self.tokens = 0  # input tokens processed by this rank (host int, known from shapes)
+        self.t0 = time.perf_counter()
+
+    def add(self, sums: torch.Tensor, counts: torch.Tensor, tokens: int) -> None:
+        self.sums += sums.detach().double()
+        self.counts += counts.detach().double()
+        self.tokens += tokens
+
+    def reduce(self) -> tuple[list[float], list[float], int, float]:
+        """All-reduce the window (the sync point) -> (sums, counts, global tokens, seconds)."""
+        packed = torch.cat([self.sums, self.counts, torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.device)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(packed)
+        values = packed.tolist()  # host-device sync, once per log interval
+        m = len(MODALITY_NAMES)
+        return values[:m], values[m : 2 * m], int(values[-1]), time.perf_counter() - self.t0
+
+
+def loss_metrics(sums: list[float], counts: list[float]) -> dict[str, float]:
+    """loss/{total,text,image,special} and ppl/{...} from sums and counts (modalities without targets are left out)."""
+    out = {}
+    total_c = sum(counts)
+    if total_c:
+        out["loss/total"] = sum(sums) / total_c
+    for name, s, c in zip(MODALITY_NAMES, sums, counts):
+        if c:
+            out[f"loss/{name}"] = s / c
+    for key in [k for k in out if k.startswith("loss/")]:
+        out["ppl/" + key[5:]] = math.exp(min(out[key], PPL_CAP))
+    return out
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {
+            "mem/allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+            "mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "mem/reserved_gib": torch.cuda.memory_reserved(device) / 2**30,
+        }
+    return {"mem/host_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+class TensorBoard:
+    """SummaryWriter on rank 0; a no-op elsewhere."""
+
+    def __init__(self, log_dir: str, enabled: bool):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer:
+            self.writer.add_text(tag, text, step)
+
+    def images(self, tag: str, images: torch.Tensor, step: int) -> None:
+        if self.writer:
+            self.writer.add_images(tag, images, step)
+
+    def flush(self) -> None:
+        if self.writer:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()

@@ -1,0 +1,90 @@
+"""Build the model from the config and wrap it for training: the only place that touches DeepSpeed.
+
+Order (each step needs the previous one):
+  1. build the architecture for the Vocab (vocab_size from the Vocab, never a literal)
+  2. initialise: open_lm init from a seed, or a pre-trained open_lm checkpoint with the vocabulary
+     extended (rows random / mean / aligned)
+  3. freeze by preset (requires_grad by open_lm name): frozen parameters get no optimizer state and
+     no gradient reduction, because DeepSpeed only sees the trainable ones
+  4. activation checkpointing switch (per block, inside the model)
+  5. optimizer (AdamW over trainable parameters) and the LR schedule
+  6. deepspeed.initialize (ZeRO stage, precision, offload from the ds_config)
+  7. torch.compile through the engine, if asked
+"""
+
+from __future__ import annotations
+
+import torch
+
+from t2i_ds.config import Config, ConfigError
+from t2i_ds.model import Transformer, build_model, model_preset
+from t2i_ds.model.checkpoint import extend_vocab, load_into, read_state_dict
+from t2i_ds.trainer.schedule import cosine_with_warmup
+from t2i_ds.vocab import Vocab
+
+
+def model_args(cfg: Config, vocab: Vocab):
+    overrides = {**cfg.model.overrides, "vocab_size": vocab.size}
+    try:
+        return model_preset(cfg.model.preset, **overrides)
+    except TypeError as e:
+        raise ConfigError(f"model.overrides: {e}") from None
+
+
+def pretrained_state(cfg: Config, vocab: Vocab, dim: int) -> dict:
+    """The open_lm checkpoint's state dict with its vocabulary extended to vocab.size rows."""
+    sd = read_state_dict(cfg.init.checkpoint)
+    rows_in_ckpt = sd["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in sd else -1
+    if rows_in_ckpt != vocab.text_size:
+        raise ConfigError(
+            f"init.checkpoint={cfg.init.checkpoint} has {rows_in_ckpt} embedding rows but vocab.text_size={vocab.text_size}"
+        )
+    rows = None
+    if cfg.init.new_rows == "aligned":
+        from t2i_ds.experiments.align import load_aligned_rows
+
+        rows = load_aligned_rows(cfg.init.aligned_rows, vocab, dim)
+    init = "random" if cfg.init.new_rows == "aligned" else cfg.init.new_rows
+    return extend_vocab(sd, vocab.size, init=init, seed=cfg.init.seed, rows=rows)
+
+
+def build_initialised_model(cfg: Config, vocab: Vocab) -> Transformer:
+    """Steps 1-4: architecture, init, freezing, activation checkpointing."""
+    args = model_args(cfg, vocab)
+    torch.manual_seed(cfg.init.seed)
+    model = build_model(args, vocab.modality_bounds)
+    if cfg.init.mode == "pretrained":
+        load_into(model, pretrained_state(cfg, vocab, args.dim))
+    from t2i_ds.experiments.freeze import apply_freeze
+
+    model.freeze_report = apply_freeze(model, cfg.train.freeze)
+    model.grad_checkpointing = cfg.model.grad_checkpointing
+    return model
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    fused = device.type == "cuda"  # the fused CUDA AdamW; foreach on CPU
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=fused)
+
+
+def wrap_with_deepspeed(model: Transformer, cfg: Config, ds_config: dict, total_steps: int, device: torch.device):
+    """Steps 5-7. Returns the DeepSpeed engine (its .module is the model)."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    o = cfg.optim
+    sched = lambda opt: cosine_with_warmup(opt, o.warmup_steps, total_steps, o.min_lr_ratio)  # noqa: E731
+    if offload:  # ZeRO-Offload needs DeepSpeed's CPU Adam; the schedule stays ours
+        ds_config = {**ds_config, "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}}}
+        optimizer = None
+    else:
+        ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
+        optimizer = make_optimizer(params, cfg, device)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=sched, config=ds_config
+    )
+    if cfg.model.compile:
+        engine.compile()
+    return engine

@@ -1,0 +1,251 @@
+"""The training loop: DeepSpeed engine, global-count loss normalisation, TensorBoard, checkpoints.
+
+One optimizer step = `grad_accum` micro-batches per rank. The loss is the mean over all non-pad
+targets of the *global* batch: each micro-batch contributes `loss_sum * world * accum / N_global`,
+where N_global (the step's target count over all ranks and micro-batches) is all-reduced once per
+step as a device tensor. DeepSpeed divides by `accum` in backward and averages gradients over the
+`world` data-parallel ranks, which cancels the two factors exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from t2i_ds.config import Config
+from t2i_ds.trainer import checkpointing
+from t2i_ds.trainer.batching import BatchPlan, resolve_batch, resolve_ds_config
+from t2i_ds.trainer.flops import flops_per_token, peak_flops
+from t2i_ds.trainer.metrics import MetricWindow, TensorBoard, loss_metrics, memory_metrics
+from t2i_ds.trainer.parallelize import build_initialised_model, wrap_with_deepspeed
+from t2i_ds.vocab import IGNORE
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Start (or join) the process group; works under the DeepSpeed launcher or as a single process."""
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def git_revision() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def total_steps(cfg: Config, plan: BatchPlan) -> int:
+    return cfg.train.steps if cfg.train.steps > 0 else max(1, cfg.train.total_tokens // plan.tokens_per_step)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next agreed step boundary."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.raised = True
+
+
+class Trainer:
+    def __init__(self, cfg: Config, user_ds_config: dict):
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed()
+        self.vocab = cfg.vocab.build()
+        t = cfg.train
+        self.plan = resolve_batch(t.tokens_per_step, self.vocab.seq_len, t.micro_batch, self.world, t.batch_tolerance)
+        self.ds_config = resolve_ds_config(user_ds_config, self.plan, cfg.optim.grad_clip, self.device.type == "cuda")
+        self.steps = total_steps(cfg, self.plan)
+        self.run_dir = Path(t.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        model = build_initialised_model(cfg, self.vocab)
+        self.freeze_report = model.freeze_report
+        self.engine = wrap_with_deepspeed(model, cfg, self.ds_config, self.steps, self.device)
+        self.data = self._make_data()
+        self.tb = TensorBoard(str(self.run_dir / "tb"), enabled=self.rank == 0)
+        self.window = MetricWindow(self.device)
+        self.step = 0
+        self.tokens_seen = 0
+        self.flops_per_token = flops_per_token(model.args, self.vocab.seq_len)
+        self.peak = peak_flops(self.device)
+        self.probes = None
+        self.stop = StopFlag()
+        self._write_run_files()
+        self._maybe_resume()
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def _make_data(self):
+        t = self.cfg.train
+        if t.data_source == "synthetic":
+            from t2i_ds.trainer.synthetic import SyntheticBatches
+
+            return SyntheticBatches(self.vocab, self.plan.micro_batch, self.plan.grad_accum, self.rank, self.world, t.seed)
+        from t2i_ds.data.loader import TokenLoader
+
+        return TokenLoader(self.cfg.data, self.vocab, self.plan.micro_batch, self.rank, self.world)
+
+    def _write_run_files(self) -> None:
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
+        (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        (self.run_dir / "git_revision.txt").write_text(git_revision() + "\n")
+        (self.run_dir / "command.txt").write_text(" ".join(sys.argv) + "\n")
+        p = self.plan
+        summary = {
+            "world_size": self.world, "micro_batch": p.micro_batch, "grad_accum": p.grad_accum,
+            "global_batch": p.global_batch, "tokens_per_step": p.tokens_per_step, "steps": self.steps,
+            "trainable_params": self.freeze_report.trainable, "total_params": self.freeze_report.total,
+        }
+        (self.run_dir / "plan.json").write_text(json.dumps(summary, indent=2))
+        self.tb.text("config", "```\n" + json.dumps(self.cfg.to_dict(), indent=2, default=str) + "\n```", 0)
+        self.tb.scalars({"params/trainable": self.freeze_report.trainable, "params/total": self.freeze_report.total}, 0)
+        self.log(f"{self.freeze_report}; {p.global_batch} sequences = {p.tokens_per_step:,} tokens per step "
+                 f"({p.micro_batch} x {p.grad_accum} accum x {self.world} ranks), {self.steps} steps")
+
+    def _maybe_resume(self) -> None:
+        path = checkpointing.find_resume(self.cfg.train.resume, self.ckpt_root)
+        if path is None:
+            return
+        client, rank_state = checkpointing.load(self.engine, path, self.rank)
+        self.step, self.tokens_seen = int(client["step"]), int(client["tokens_seen"])
+        if rank_state is not None:
+            self.data.load_state_dict(rank_state["data"])
+            checkpointing.set_rng_state(rank_state["rng"])
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"[t2i_ds] {msg}", flush=True)
+
+    # ---- one optimizer step --------------------------------------------------------------------
+    def _global_count(self, micro: list[dict]) -> torch.Tensor:
+        """Targets of this step over all ranks, as a device tensor (no host sync)."""
+        local = sum(int((b["targets"] != IGNORE).sum()) for b in micro)  # host ints: batches are on CPU
+        count = torch.tensor(float(local), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(count)
+        return count.clamp(min=1.0)
+
+    def train_step(self) -> None:
+        micro = [next(self.data) for _ in range(self.plan.grad_accum)]
+        scale = (self.world * self.plan.grad_accum) / self._global_count(micro)
+        for batch in micro:
+            ids = batch["input_ids"].to(self.device, non_blocking=True)
+            tgt = batch["targets"].to(self.device, non_blocking=True)
+            out = self.engine(ids, tgt)
+            self.engine.backward(out.loss_sum * scale)
+            self.engine.step()
+            self.window.add(out.modality_sums, out.modality_counts, ids.numel())
+        self.step += 1
+        self.tokens_seen += self.plan.tokens_per_step
+
+    # ---- logging, checkpoints, loop ------------------------------------------------------------
+    def _log_metrics(self) -> dict[str, float]:
+        sums, counts, tokens, seconds = self.window.reduce()
+        metrics = loss_metrics(sums, counts)
+        tok_s = tokens / max(seconds, 1e-9)
+        metrics.update({
+            "lr": self.engine.get_lr()[0],
+            "tokens/seen": float(self.tokens_seen),
+            "perf/tokens_per_s": tok_s,
+            "perf/tokens_per_s_per_device": tok_s / self.world,
+            "perf/tflops_per_device": tok_s * self.flops_per_token / self.world / 1e12,
+        })
+        if self.peak:
+            metrics["perf/mfu"] = metrics["perf/tflops_per_device"] * 1e12 / self.peak
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        metrics.update(memory_metrics(self.device))
+        self.tb.scalars(metrics, self.step)
+        if self.rank == 0:  # the same numbers as JSON lines, for scripts and tests
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        self.window.reset()
+        return metrics
+
+    def _print(self, m: dict[str, float]) -> None:
+        parts = [f"step {self.step}/{self.steps}", f"loss {m.get('loss/total', float('nan')):.4f}"]
+        parts += [f"{k[5:]} {m[k]:.4f}" for k in ("loss/text", "loss/image") if k in m]
+        parts += [f"lr {m['lr']:.2e}", f"{m['perf/tokens_per_s']:.0f} tok/s"]
+        if "perf/mfu" in m:
+            parts.append(f"MFU {m['perf/mfu']:.1%}")
+        self.log(" | ".join(parts))
+
+    def save(self) -> None:
+        client = {"step": self.step, "tokens_seen": self.tokens_seen}
+        rank_state = {"data": self.data.state_dict()}
+        path = checkpointing.save(self.engine, self.ckpt_root, self.step, client, rank_state, self.cfg.train.keep_last, self.rank)
+        self.log(f"checkpoint {path}")
+
+    def _stop_requested(self) -> bool:
+        """Cross-rank agreement on a received signal, every `signal_check_every` steps (one tiny all-reduce)."""
+        if self.step % self.cfg.train.signal_check_every:
+            return False
+        flag = torch.tensor(float(self.stop.raised), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def run_hooks(self) -> None:
+        """Probes and samples (all ranks take part: under ZeRO-3 the forward gathers parameters)."""
+        t = self.cfg.train
+        if t.probe_every and self.step % t.probe_every == 0 and self.probes is not None:
+            result = self.probes.run(self.engine.module)
+            self.tb.scalars({f"probe/{k}": v for k, v in result.metrics.items()}, self.step)
+            for k, v in result.texts.items():
+                self.tb.text(f"probe/{k}", v, self.step)
+
+    def fit(self) -> dict[str, float]:
+        self.engine.train()
+        last: dict[str, float] = {}
+        t = self.cfg.train
+        while self.step < self.steps:
+            self.train_step()
+            if self.step % t.log_every == 0 or self.step == self.steps:
+                last = self._log_metrics()
+                self._print(last)
+            self.run_hooks()
+            if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < self.steps:
+                self.save()
+            if self._stop_requested():
+                self.log("stop requested: writing a checkpoint and exiting")
+                self.save()
+                break
+        else:
+            done = checkpointing.complete_checkpoints(self.ckpt_root)
+            if not done or done[-1].name != checkpointing.tag_for(self.step):
+                self.save()
+        self.tb.flush()
+        return last
+
+    def close(self) -> None:
+        self.tb.close()
