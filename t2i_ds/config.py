@@ -160,6 +160,9 @@ class TrainConfig:
     freeze: str = "full"
     """Freezing preset (paper section 3.1): full, embed_output, embed_output_norms,
     embed_output_norms_first_half, embed_output_norms_ffn."""
+    stop_after_steps: int = 0
+    """End this invocation (with a checkpoint) after this many steps; the schedule still spans
+    `steps`. For time-limited allocations: resume continues the same run. 0 disables."""
     signal_check_every: int = 10
     """Steps between the cross-rank agreement on a received SIGTERM/SIGINT (a tiny all-reduce)."""
 
@@ -255,8 +258,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         parts = key.split(".")
         node = raw
         for p in parts[:-1]:
-            if p == "data" and node.get("data") is None:
-                node["data"] = {}
+            if p == "data" and node.get("data") is None:  # start from DataConfig's defaults
+                node["data"] = {f.name: f.default for f in dataclasses.fields(DataConfig)}
             if not isinstance(node.get(p), dict):
                 raise ConfigError(f"override {key!r}: no section {p!r}")
             node = node[p]

@@ -84,10 +84,10 @@ class Trainer:
         self.steps = total_steps(cfg, self.plan)
         self.run_dir = Path(t.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.data = self._make_data()  # before the model: a bad data path fails fast
         model = build_initialised_model(cfg, self.vocab)
         self.freeze_report = model.freeze_report
         self.engine = wrap_with_deepspeed(model, cfg, self.ds_config, self.steps, self.device)
-        self.data = self._make_data()
         self.tb = TensorBoard(str(self.run_dir / "tb"), enabled=self.rank == 0)
         self.window = MetricWindow(self.device)
         self.step = 0
@@ -226,6 +226,7 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         self.engine.train()
+        self.first_step = self.step
         last: dict[str, float] = {}
         t = self.cfg.train
         while self.step < self.steps:
@@ -238,6 +239,10 @@ class Trainer:
                 self.save()
             if self._stop_requested():
                 self.log("stop requested: writing a checkpoint and exiting")
+                self.save()
+                break
+            if t.stop_after_steps and self.step - self.first_step >= t.stop_after_steps and self.step < self.steps:
+                self.log(f"stop_after_steps={t.stop_after_steps} reached: writing a checkpoint and exiting")
                 self.save()
                 break
         else:

@@ -1,0 +1,49 @@
+"""Bad input to the train command: one clear line, exit status 2, no traceback."""
+
+import pytest
+
+from tests.trainer_utils import DS_ZERO2, train
+
+
+def _fails(args, tmp_path, expect: str):
+    proc = train([*args, "--set", f"train.run_dir={tmp_path / 'run'}"], check=False, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = err[-1]
+    assert last.startswith("t2i_ds.train: error:") and expect in last, last
+
+
+def test_missing_ds_config(tmp_path):
+    _fails(["--ds_config", str(tmp_path / "nope.json")], tmp_path, "nope.json: no such file")
+
+
+def test_invalid_ds_config(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 2,}}')
+    _fails(["--ds_config", str(bad)], tmp_path, "bad.json: invalid JSON at line 1")
+
+
+def test_contradicting_ds_config(tmp_path):
+    bad = tmp_path / "bs.json"
+    bad.write_text('{"train_batch_size": 7, "zero_optimization": {"stage": 2}}')
+    _fails(["--ds_config", str(bad)], tmp_path, "train_batch_size=7 contradicts")
+
+
+def test_unknown_preset(tmp_path):
+    _fails(["--ds_config", DS_ZERO2, "--preset", "nope"], tmp_path, "unknown preset 'nope'")
+
+
+def test_unknown_field(tmp_path):
+    _fails(["--ds_config", DS_ZERO2, "--set", "optim.lrr=1"], tmp_path, "unknown field 'lrr'")
+
+
+def test_batch_cannot_be_met(tmp_path):
+    _fails(["--ds_config", DS_ZERO2, "--set", "train.tokens_per_step=40", "--set", "train.micro_batch=4"], tmp_path,
+           "cannot be met with micro_batch=4")
+
+
+def test_data_path_without_shards(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _fails(["--ds_config", DS_ZERO2, "--set", "train.data_source=shards", "--set", f"data.path={tmp_path / 'empty'}"],
+           tmp_path, "no token shards")

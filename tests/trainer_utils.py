@@ -1,0 +1,63 @@
+"""Helpers for the trainer tests: run the real command in a subprocess, read its metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DS_ZERO2 = str(ROOT / "ds_configs" / "zero2.json")
+DS_ZERO3 = str(ROOT / "ds_configs" / "zero3.json")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = {**os.environ, "DS_ACCELERATOR": "cpu", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    e.pop("RANK", None), e.pop("WORLD_SIZE", None), e.pop("LOCAL_RANK", None), e.pop("MASTER_PORT", None)
+    return e
+
+
+def train(args: list[str], ranks: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m t2i_ds.train` (1 rank) or the DeepSpeed launcher with `ranks` CPU ranks."""
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "t2i_ds.train", *args]
+    else:
+        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port())]
+        cmd = [*launcher, "--module", "t2i_ds.train", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path, key: str = "loss/total") -> dict[int, float]:
+    return {m["step"]: m[key] for m in metrics(run_dir)}
+
+
+def write_random_shards(out: Path, n_shards: int, per_shard: int, vocab, seed: int = 0) -> None:
+    """Token shards in the project's format with a learnable caption -> codes link."""
+    from t2i_ds.data.shards import ShardSample, write_shard
+
+    rng = np.random.default_rng(seed)
+    for s in range(n_shards):
+        samples = []
+        for i in range(per_shard):
+            cap = rng.integers(2, vocab.real_text_size, int(rng.integers(0, 8)))
+            codes = (np.arange(vocab.image_tokens) * (3 + (cap[0] if len(cap) else 0))) % vocab.image_size
+            samples.append(ShardSample(f"s{s}-{i}", codes.astype(np.uint16), cap.astype(np.int32), "caption"))
+        write_shard(out / f"tokens-{s:06d}.tar", samples)
