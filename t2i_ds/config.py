@@ -172,6 +172,10 @@ class TrainConfig:
             raise ConfigError(f"train.tokens_per_step={self.tokens_per_step} and train.micro_batch={self.micro_batch} must be positive")
         if self.data_source not in ("shards", "synthetic"):
             raise ConfigError(f"train.data_source={self.data_source!r} must be 'shards' or 'synthetic'")
+        from t2i_ds.experiments.freeze import FREEZE_PRESETS
+
+        if self.freeze not in FREEZE_PRESETS:
+            raise ConfigError(f"train.freeze={self.freeze!r} is not one of {list(FREEZE_PRESETS)}")
         if self.log_every <= 0 or self.keep_last <= 0 or self.signal_check_every <= 0:
             raise ConfigError("train.log_every, train.keep_last and train.signal_check_every must be positive")
 
