@@ -218,7 +218,7 @@ def _debug() -> Config:
     """Seconds on a CPU: the debug model on deterministic synthetic sequences."""
     return Config(
         vocab=_tiny_vocab(),
-        model=ModelConfig(preset="debug", overrides={"loss_impl": "chunked"}),
+        model=ModelConfig(preset="debug", overrides={"loss_impl": "torch"}),  # the reference loss path
         optim=OptimConfig(lr=1e-3, warmup_steps=2),
         train=TrainConfig(tokens_per_step=4 * 40, micro_batch=2, steps=6, log_every=1, ckpt_every=0,
                           data_source="synthetic", run_dir="runs/debug"),

@@ -94,7 +94,7 @@ class Trainer:
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(model.args, self.vocab.seq_len)
         self.peak = peak_flops(self.device)
-        self.probes = None
+        self.probes = self._make_probes()
         self.stop = StopFlag()
         self._write_run_files()
         self._maybe_resume()
@@ -109,6 +109,16 @@ class Trainer:
         from t2i_ds.data.loader import TokenLoader
 
         return TokenLoader(self.cfg.data, self.vocab, self.plan.micro_batch, self.rank, self.world)
+
+    def _make_probes(self):
+        """Forgetting probes (paper Table 1) when train.probe_every > 0."""
+        t = self.cfg.train
+        if not t.probe_every:
+            return None
+        from t2i_ds.data.text_tokenizer import TextTokenizer
+        from t2i_ds.experiments.probes import TextProbes
+
+        return TextProbes(TextTokenizer(t.text_tokenizer or None), self.vocab)
 
     def _write_run_files(self) -> None:
         if self.rank != 0:
@@ -219,10 +229,11 @@ class Trainer:
         """Probes and samples (all ranks take part: under ZeRO-3 the forward gathers parameters)."""
         t = self.cfg.train
         if t.probe_every and self.step % t.probe_every == 0 and self.probes is not None:
-            result = self.probes.run(self.engine.module)
-            self.tb.scalars({f"probe/{k}": v for k, v in result.metrics.items()}, self.step)
+            result = self.probes.run(self.engine.module)  # tags are already "probe/..."
+            self.tb.scalars(result.metrics, self.step)
             for k, v in result.texts.items():
-                self.tb.text(f"probe/{k}", v, self.step)
+                self.tb.text(k, v, self.step)
+            self.log("probe: " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
 
     def fit(self) -> dict[str, float]:
         self.engine.train()
