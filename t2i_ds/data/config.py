@@ -1,0 +1,79 @@
+"""Typed configuration of the training data stream (token shards written by `prepare`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("t2i", "unconditional")
+
+
+@dataclass
+class DataConfig:
+    """What the `TokenLoader` streams and how."""
+
+    path: str = ""
+    """Token shards: a directory (its *.tar), a glob, or a brace pattern `dir/tokens-{000000..000099}.tar`;
+    several joined with '::'."""
+
+    mode: str = "t2i"
+    """'t2i': `<doc> <text> caption </text> <image> codes </image> </doc>`; 'unconditional': image only."""
+
+    seed: int = 0
+    """Seeds the per-epoch shard order, the sample shuffle buffer, caption dropout and text mixing."""
+
+    shuffle_buffer: int = 1000
+    """Samples held for shuffling within each worker's stream (0 or 1: no sample shuffle)."""
+
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: load in the training process)."""
+
+    caption_dropout: float = 0.0
+    """Probability of training a pair on an empty caption `<text> </text>`: the unconditional branch of
+    classifier-free guidance (peers use 0.05-0.1)."""
+
+    text_mix_ratio: float = 0.0
+    """Fraction of training samples that are text-only (`<doc> <text> ... </text> </doc>`), drawn from
+    `text_path`, against forgetting of text ability (paper Table 1)."""
+
+    text_path: str = ""
+    """Plain .txt (one document per line) or .jsonl (field "text") file of text to mix; required when
+    text_mix_ratio > 0."""
+
+    text_tokenizer: str = ""
+    """Tokenizer (tokenizer.json or a directory) for `text_path`; must be the one the shards were made with.
+    Empty: the NeoX BPE default of `t2i_ds.data.text_tokenizer`."""
+
+    max_broken_fraction: float = 0.01
+    """Broken records (corrupt member, bad dtype/shape/range/JSON) are skipped and counted; once more than
+    this fraction of a worker's records are broken (after `min_records_for_broken_check`), loading stops
+    with an error naming the last broken shard."""
+
+    min_records_for_broken_check: int = 200
+    """Records a worker reads before `max_broken_fraction` is enforced (a few early bad records in a
+    small sample are not evidence of a broken data set)."""
+
+    resample: bool = False
+    """Draw shards with replacement (seeded) instead of epoch-wise permutations; `state_dict` then
+    records only the number of samples consumed, not an exact position (see `TokenLoader`)."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("DataConfig.path is empty: give a shard directory, glob or brace pattern")
+        if self.mode not in MODES:
+            raise ValueError(f"DataConfig.mode={self.mode!r} must be one of {MODES}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"DataConfig.shuffle_buffer={self.shuffle_buffer} must be >= 0")
+        if self.num_workers < 0:
+            raise ValueError(f"DataConfig.num_workers={self.num_workers} must be >= 0")
+        for name in ("caption_dropout", "max_broken_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"DataConfig.{name}={value} must be in [0, 1]")
+        if not 0.0 <= self.text_mix_ratio < 1.0:
+            raise ValueError(f"DataConfig.text_mix_ratio={self.text_mix_ratio} must be in [0, 1)")
+        if self.text_mix_ratio > 0 and not self.text_path:
+            raise ValueError(f"DataConfig.text_mix_ratio={self.text_mix_ratio} needs DataConfig.text_path")
+        if self.mode == "unconditional" and self.caption_dropout > 0:
+            raise ValueError("DataConfig.caption_dropout applies to mode 't2i' only")
+        if self.min_records_for_broken_check < 1:
+            raise ValueError(f"DataConfig.min_records_for_broken_check={self.min_records_for_broken_check} must be >= 1")

@@ -1,0 +1,53 @@
+"""Caption tokenizer: any Hugging Face tokenizer from a local path; GPT-NeoX's BPE by default.
+
+Never downloads: the path must be a `tokenizer.json` file or a directory saved by `save_pretrained`.
+No special tokens are added (the Vocab adds `<doc> <text> ... </text>` itself).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# The NeoX-20B BPE shipped in the repository (50,277 ids; see tests/fixtures/NEOX_BPE_PROVENANCE.md).
+DEFAULT_TEXT_TOKENIZER = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "neox-20b-bpe.json"
+
+
+class TextTokenizer:
+    """`encode_batch(texts) -> list[list[int]]` and `vocab_size` over a local Hugging Face tokenizer."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        path = Path(path) if path else DEFAULT_TEXT_TOKENIZER
+        if not path.exists():
+            raise FileNotFoundError(f"text tokenizer not found at {path} (a tokenizer.json file or a directory)")
+        self.path = str(path)
+        self.name = path.stem if path.is_file() else path.name
+        if path.is_file():
+            from tokenizers import Tokenizer
+
+            self._fast = Tokenizer.from_file(str(path))
+            self._hf = None
+            self.vocab_size = self._fast.get_vocab_size(with_added_tokens=True)
+        else:
+            from transformers import AutoTokenizer
+
+            self._hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self._fast = None
+            self.vocab_size = len(self._hf)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._fast is not None:
+            return [e.ids for e in self._fast.encode_batch(list(texts), add_special_tokens=False)]
+        return self._hf(list(texts), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        if self._fast is not None:
+            return self._fast.decode(list(ids))
+        return self._hf.decode(list(ids))
+
+    def describe(self) -> dict:
+        """What the shard manifest records about the text tokenizer."""
+        return {"name": self.name, "path": self.path, "vocab_size": self.vocab_size}
