@@ -1,7 +1,7 @@
 """`python -m t2i_ds.align`: image-text token contrastive alignment (paper section 3.2, Figure 7).
 
     python -m t2i_ds.align --shards data/tokens --checkpoint open_lm_1b.pt --out runs/align \
-        --tokenizer tests/fixtures/neox-20b-bpe.json
+        --tokenizer t2i_ds/assets/neox-20b-bpe.json
 
 Reads token shards (t2i_ds.data.shards format) and the pre-trained text rows of an open_lm
 checkpoint, trains the image rows with the CLIP loss (t2i_ds.experiments.align), and writes into

@@ -21,8 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
-NEOX_BPE = FIXTURES / "neox-20b-bpe.json"
+NEOX_BPE = Path(__file__).resolve().parents[1] / "t2i_ds" / "assets" / "neox-20b-bpe.json"  # shipped with provenance note
 
 
 def pytest_collection_modifyitems(config, items):

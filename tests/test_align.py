@@ -25,7 +25,7 @@ from t2i_ds.vocab import tiny_vocab
 
 VOCAB = tiny_vocab()  # 300 text ids, 64 image codes, 16 codes per image
 DIM = 32
-NEOX_BPE = Path(__file__).parent / "fixtures" / "neox-20b-bpe.json"
+from t2i_ds.data.text_tokenizer import DEFAULT_TEXT_TOKENIZER as NEOX_BPE
 PLANT = 100  # image code c is planted as text token PLANT + c
 
 

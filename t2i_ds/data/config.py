@@ -53,8 +53,8 @@ class DataConfig:
     small sample are not evidence of a broken data set)."""
 
     resample: bool = False
-    """Draw shards with replacement (seeded) instead of epoch-wise permutations; `state_dict` then
-    records only the number of samples consumed, not an exact position (see `TokenLoader`)."""
+    """Each epoch draws its shard list with replacement (seeded) instead of permuting it; order and resume stay
+    deterministic, but a shard may be read twice (or not at all) in an epoch."""
 
     def __post_init__(self) -> None:
         if not self.path:

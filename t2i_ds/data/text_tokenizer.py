@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# The NeoX-20B BPE shipped in the repository (50,277 ids; see tests/fixtures/NEOX_BPE_PROVENANCE.md).
-DEFAULT_TEXT_TOKENIZER = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "neox-20b-bpe.json"
+# The NeoX-20B BPE shipped with the package (50,277 ids; provenance in t2i_ds/assets/NEOX_BPE_PROVENANCE.md).
+DEFAULT_TEXT_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "neox-20b-bpe.json"
 
 
 class TextTokenizer:

@@ -1,0 +1,325 @@
+"""`prepare`: image-caption pairs -> token shards (format in `t2i_ds.data.shards`), once, resumably.
+
+Inputs (`--input`):
+  * WebDataset tars in img2dataset layout (`key.jpg|png|webp` + `key.txt` or `key.json` {"caption"}):
+    a directory of *.tar, a glob, or a brace pattern. Input shard i -> output shard `tokens-{i:06d}.tar`.
+  * a folder of images with same-name `.txt` captions, or a CSV / parquet of (image path, caption):
+    sorted, cut into chunks of `--samples-per-shard`; chunk i -> output shard i.
+Output shard i is a pure function of input unit i, so a killed run resumes exactly by skipping the
+output shards that exist (they appear atomically). Ranks take units i with i % world_size == rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from t2i_ds.data.images import SMALL_POLICIES, SkipImage, describe_image_tokenizer, load_and_prepare, load_image_tokenizer
+from t2i_ds.data.shards import (
+    MANIFEST,
+    ShardSample,
+    length_summary,
+    list_shards,
+    read_manifest,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+from t2i_ds.data.text_tokenizer import TextTokenizer
+from t2i_ds.vocab import Vocab
+
+log = logging.getLogger("t2i_ds.prepare")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+KILL_AFTER_ENV = "T2I_DS_PREPARE_KILL_AFTER_SHARDS"  # tests: SIGKILL this process after N shards
+
+
+@dataclass
+class RawRecord:
+    """One source pair before decoding: `load()` returns the encoded image bytes."""
+
+    key: str
+    caption: str | None  # None: the source had no caption at all
+    load: Callable[[], bytes]
+    extra: dict = field(default_factory=dict)  # copied into the sample's json (e.g. url)
+
+
+@dataclass
+class InputUnit:
+    """What becomes one output shard: a name (for the json metadata) and its records."""
+
+    name: str
+    records: Callable[[], Iterator[RawRecord]]
+
+
+# ---- inputs ------------------------------------------------------------------------------------------
+def safe_key(name: str) -> str:
+    """A WebDataset-safe key: no '.' or '/' (they split keys from member suffixes)."""
+    return re.sub(r"[./\\]", "_", name)
+
+
+def list_inputs(spec: str, samples_per_shard: int, image_col: str = "image", caption_col: str = "caption") -> list[InputUnit]:
+    p = Path(spec)
+    if p.is_file() and p.suffix in (".csv", ".tsv", ".parquet"):
+        return _chunk(_table_records(p, image_col, caption_col), samples_per_shard, p.name)
+    if p.is_dir() and not glob.glob(os.path.join(glob.escape(spec), "*.tar")):
+        return _chunk(_folder_records(p), samples_per_shard, p.name)
+    return [InputUnit(Path(t).name, _tar_reader(t)) for t in list_shards(spec)]
+
+
+def _chunk(records: list[RawRecord], n: int, name: str) -> list[InputUnit]:
+    if not records:
+        raise FileNotFoundError(f"no image-caption pairs found in {name}")
+    chunks = [records[i : i + n] for i in range(0, len(records), n)]
+    return [InputUnit(f"{name}#{i}", (lambda c=c: iter(c))) for i, c in enumerate(chunks)]
+
+
+def _folder_records(folder: Path) -> list[RawRecord]:
+    images = sorted(q for q in folder.rglob("*") if q.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    out = []
+    for img in images:
+        txt = img.with_suffix(".txt")
+        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else None
+        rel = str(img.relative_to(folder))
+        out.append(RawRecord(safe_key(rel), caption, img.read_bytes, {"path": rel}))
+    return out
+
+
+def _table_records(path: Path, image_col: str, caption_col: str) -> list[RawRecord]:
+    rows = _read_table(path)
+    if rows and (image_col not in rows[0] or caption_col not in rows[0]):
+        raise ValueError(f"{path}: needs columns {image_col!r} and {caption_col!r}, has {sorted(rows[0])}")
+    out = []
+    for i, row in enumerate(rows):
+        img = Path(row[image_col])
+        img = img if img.is_absolute() else path.parent / img
+        out.append(RawRecord(f"{i:09d}", row[caption_col] or "", img.read_bytes, {"path": str(row[image_col])}))
+    return out
+
+
+def _read_table(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from exc
+        return pq.read_table(path).to_pylist()
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+
+
+def _tar_reader(path: str) -> Callable[[], Iterator[RawRecord]]:
+    def records() -> Iterator[RawRecord]:
+        errors: list[Exception] = []
+
+        def on_error(exc: Exception) -> bool:  # a corrupt tar ends this shard; what was read is kept
+            errors.append(exc)
+            return False
+
+        for s in wds.tariterators.tarfile_samples([{"url": path}], handler=on_error):
+            yield _tar_record(s)
+        if errors:
+            yield RawRecord("", None, lambda: b"", {"_error": "corrupt_input_tar"})
+
+    return records
+
+
+def _tar_record(s: dict) -> RawRecord:
+    ext = next((e for e in IMAGE_EXTS if e in s), None)
+    meta = {}
+    if "json" in s:
+        try:
+            meta = json.loads(s["json"])
+        except ValueError:
+            meta = {}
+    caption = s["txt"].decode("utf-8", "replace") if "txt" in s else meta.get("caption")
+    extra = {k: meta[k] for k in ("url",) if isinstance(meta.get(k), str)}
+    if ext is None:
+        extra["_error"] = "no_image"
+    data = s.get(ext, b"")
+    return RawRecord(safe_key(s["__key__"]), caption, lambda: data, extra)
+
+
+# ---- one unit -> one shard ---------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """One decoded pair ready for the tokenizers."""
+
+    key: str
+    image: torch.Tensor  # (3, S, S) in [-1, 1]
+    caption: str
+    meta: dict
+
+
+class Preparer:
+    """Turns input units into token shards with the given tokenizers (see the module docstring)."""
+
+    def __init__(self, image_tok, text_tok: TextTokenizer, image_size: int, small: str, batch_size: int, decode_workers: int):
+        self.image_tok, self.text_tok = image_tok, text_tok
+        self.image_size, self.small, self.batch_size = image_size, small, batch_size
+        self.pool = ThreadPoolExecutor(max(decode_workers, 1))  # PIL decodes/resizes outside the GIL
+
+    def _decode(self, rec: RawRecord, unit: str) -> Prepared | str:
+        """A RawRecord -> Prepared, or the reason it is skipped."""
+        if "_error" in rec.extra:
+            return rec.extra["_error"]
+        try:
+            image, (w, h), mode = load_and_prepare(rec.load(), self.image_size, self.small)
+        except SkipImage as s:
+            return s.args[0]
+        except OSError:
+            return "unreadable_file"
+        extra = {k: v for k, v in rec.extra.items() if not k.startswith("_")}
+        meta = {"source_shard": unit, "width": w, "height": h, "mode": mode, **extra}
+        return Prepared(rec.key, image, rec.caption or "", meta)
+
+    def shard_samples(self, unit: InputUnit) -> tuple[list[ShardSample], Counter]:
+        skipped: Counter = Counter()
+        samples: list[ShardSample] = []
+        seen: set[str] = set()
+        batch: list[Prepared] = []
+        for item in self._decoded(unit):
+            if isinstance(item, str):
+                skipped[item] += 1
+                continue
+            if item.key in seen:
+                skipped["duplicate_key"] += 1
+                continue
+            seen.add(item.key)
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                samples += self._tokenize(batch)
+                batch = []
+        if batch:
+            samples += self._tokenize(batch)
+        return samples, skipped
+
+    def _decoded(self, unit: InputUnit) -> Iterator[Prepared | str]:
+        # Decode a few batches at a time: pool.map submits everything it is given, and a 10k-image shard of
+        # (3, 256, 256) float tensors would hold ~8 GB.
+        records = unit.records()
+        while chunk := list(itertools.islice(records, 4 * self.batch_size)):
+            yield from self.pool.map(lambda r: self._decode(r, unit.name), chunk)
+
+    def _tokenize(self, batch: list[Prepared]) -> list[ShardSample]:
+        codes = self.image_tok.encode(torch.stack([p.image for p in batch]))  # (B, T) int64
+        ids = self.text_tok.encode_batch([p.caption for p in batch])
+        return [
+            ShardSample(p.key, c.numpy(), np.asarray(i, dtype=np.int32), p.caption, p.meta)
+            for p, c, i in zip(batch, codes, ids)
+        ]
+
+
+# ---- the command ------------------------------------------------------------------------------------
+def dist_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """--rank/--world-size, else env RANK/WORLD_SIZE (torchrun, deepspeed), else (0, 1)."""
+    rank = rank if rank is not None else int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} must be in [0, world_size={world})")
+    return rank, world
+
+
+def check_manifest_compatible(out: Path, meta: dict) -> None:
+    """Refuse to add shards made with other tokenizers to an existing output directory."""
+    if not (out / MANIFEST).is_file():
+        return
+    old = read_manifest(out)
+    for k in ("image_tokenizer", "text_tokenizer"):
+        if k in old and old[k] != meta[k]:
+            raise ValueError(f"{out / MANIFEST}: {k} {old[k]} differs from this run's {meta[k]}; use a new --out")
+
+
+def run(args: argparse.Namespace) -> dict:
+    rank, world = dist_env(args.rank, args.world_size)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    image_tok = load_image_tokenizer(
+        args.image_tokenizer, **({"image_size": args.image_size, "batch_size": args.batch_size, "device": device}
+                                 if args.image_tokenizer.startswith("movqgan:") else {})
+    )
+    if image_tok.image_size != args.image_size:
+        raise ValueError(f"--image-size {args.image_size} but the image tokenizer takes {image_tok.image_size} px")
+    text_tok = TextTokenizer(args.text_tokenizer)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "image_tokenizer": describe_image_tokenizer(image_tok, args.image_tokenizer),
+        "text_tokenizer": text_tok.describe(),
+        "prepare": {"input": args.input, "image_size": args.image_size, "small_images": args.small_images},
+    }
+    check_manifest_compatible(out, meta)
+    units = list_inputs(args.input, args.samples_per_shard, args.image_col, args.caption_col)
+    mine = [i for i in range(len(units)) if i % world == rank]
+    prep = Preparer(image_tok, text_tok, args.image_size, args.small_images, args.batch_size, args.decode_workers)
+    kill_after = int(os.environ.get(KILL_AFTER_ENV, 0))
+    done = images = 0
+    t0 = time.time()
+    log.info("rank %d/%d: %d of %d input units on %s", rank, world, len(mine), len(units), device)
+    for i in mine:
+        path = out / shard_name(args.prefix, i)
+        if path.exists():  # finished by an earlier run: shards appear atomically
+            continue
+        samples, skipped = prep.shard_samples(units[i])
+        write_shard(path, samples, skipped)
+        write_manifest(out, meta, prefix=args.prefix)
+        done += 1
+        images += len(samples)
+        rate = images / max(time.time() - t0, 1e-9)
+        log.info("shard %s: %d samples, skipped %s | %d/%d units, %.1f images/s", path.name, len(samples), dict(skipped), done, len(mine), rate)
+        if kill_after and done >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    manifest = write_manifest(out, meta, prefix=args.prefix)
+    print_summary(manifest, args.max_caption_tokens, images, time.time() - t0)
+    return manifest
+
+
+def print_summary(manifest: dict, max_caption_tokens: int, images_this_run: int, seconds: float) -> None:
+    stats = manifest["stats"]
+    hist = {int(k): v for k, v in stats["caption_length_histogram"].items()}
+    over = sum(v for k, v in hist.items() if k > max_caption_tokens)
+    print(f"this run: {images_this_run} images in {seconds:.1f} s ({images_this_run / max(seconds, 1e-9):.1f} images/s)")
+    print(f"shards: {len(manifest['shards'])}, samples written: {stats['samples']}")
+    print(f"skipped: {stats['skipped'] or 'none'}; empty captions (kept): {stats['empty_captions']}")
+    print(f"caption tokens: {length_summary(hist) or 'n/a'}")
+    print(f"captions longer than {max_caption_tokens} tokens (truncated in training): {over}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m t2i_ds.prepare", description=__doc__.split("\n")[0])
+    p.add_argument("--input", required=True, help="img2dataset tars (dir/glob/brace), an image folder, or a CSV/parquet")
+    p.add_argument("--out", required=True, help="output directory of token shards")
+    p.add_argument("--image-tokenizer", required=True, help="movqgan:DIR (diffusers VQModel) or demo:DIR")
+    p.add_argument("--text-tokenizer", default=None, help="tokenizer.json or HF directory (default: NeoX BPE in the repo)")
+    p.add_argument("--image-size", type=int, default=256, help="center-crop and resize to this many pixels")
+    p.add_argument("--small-images", choices=SMALL_POLICIES, default="upscale", help="images smaller than the crop")
+    p.add_argument("--batch-size", type=int, default=64, help="images per image-tokenizer call")
+    p.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1), help="threads decoding images")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="folder/CSV inputs: pairs per output shard")
+    p.add_argument("--prefix", default="tokens", help="output shard name prefix")
+    p.add_argument("--image-col", default="image", help="CSV/parquet column of image paths")
+    p.add_argument("--caption-col", default="caption", help="CSV/parquet column of captions")
+    p.add_argument("--max-caption-tokens", type=int, default=Vocab().max_caption_tokens, help="for the summary only")
+    p.add_argument("--rank", type=int, default=None, help="this process's rank (default: env RANK)")
+    p.add_argument("--world-size", type=int, default=None, help="number of processes (default: env WORLD_SIZE)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return run(build_parser().parse_args(argv))
