@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MODES = ("t2i", "unconditional")
+MODES = ("t2i", "unconditional", "text")
 
 
 @dataclass
@@ -16,7 +16,9 @@ class DataConfig:
     several joined with '::'."""
 
     mode: str = "t2i"
-    """'t2i': `<doc> <text> caption </text> <image> codes </image> </doc>`; 'unconditional': image only."""
+    """'t2i': `<doc> <text> caption </text> <image> codes </image> </doc>`; 'unconditional': image only;
+    'text': the captions alone as `<doc> <text> caption </text> </doc>` (text-only pre-training of a
+    small model, for the pre-trained vs random comparison on small data)."""
 
     seed: int = 0
     """Seeds the per-epoch shard order, the sample shuffle buffer, caption dropout and text mixing."""
@@ -73,7 +75,7 @@ class DataConfig:
             raise ValueError(f"DataConfig.text_mix_ratio={self.text_mix_ratio} must be in [0, 1)")
         if self.text_mix_ratio > 0 and not self.text_path:
             raise ValueError(f"DataConfig.text_mix_ratio={self.text_mix_ratio} needs DataConfig.text_path")
-        if self.mode == "unconditional" and self.caption_dropout > 0:
-            raise ValueError("DataConfig.caption_dropout applies to mode 't2i' only")
+        if self.mode != "t2i" and self.caption_dropout > 0:
+            raise ValueError(f"DataConfig.caption_dropout applies to mode 't2i' only, not {self.mode!r}")
         if self.min_records_for_broken_check < 1:
             raise ValueError(f"DataConfig.min_records_for_broken_check={self.min_records_for_broken_check} must be >= 1")

@@ -246,6 +246,8 @@ class _Slot:
     def _build(self, rec: Record, drop: bool):
         if self.cfg.mode == "unconditional":
             return self.vocab.build(None, rec.codes)
+        if self.cfg.mode == "text":
+            return self.vocab.text_only(rec.caption_ids)
         sample = self.vocab.build([] if drop else rec.caption_ids, rec.codes)
         self.stats["truncated_captions"] += int(sample.caption_truncated)
         return sample
