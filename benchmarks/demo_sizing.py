@@ -1,0 +1,141 @@
+"""Sizing experiment for `make demo`: how much data, model and training reach a colour score >= 0.8?
+
+Plain torch (no DeepSpeed) on CPU: builds the demo data set, trains a model preset with AdamW
+(linear warm-up, cosine decay to 10%) on `<doc> <text> caption </text> <image> codes </image> </doc>`
+samples with 10% caption dropout (empty caption, the CFG-unconditional prompt), and at the
+`--eval_at` steps samples held-out captions and prints the consistency scores
+(t2i_ds.evaluate) with and without classifier-free guidance. Appends one JSON row per evaluation to
+benchmarks/results/demo_sizing.jsonl.
+
+    .venv/bin/python benchmarks/demo_sizing.py --batch 16 --lr 2e-3 --steps 1000 --eval_at 250 500 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from t2i_ds.data.demo_data import load_demo_vocab, make_demo_dataset, read_val_captions
+from t2i_ds.data.demo_tokenizer import PatchKMeansTokenizer, to_uint8
+from t2i_ds.data.shards import list_shards, read_shard
+from t2i_ds.evaluate import consistency_score
+from t2i_ds.generate import generate_images
+from t2i_ds.model.args import model_preset
+from t2i_ds.model.transformer import build_model, count_parameters
+
+RESULTS = Path(__file__).parent / "results" / "demo_sizing.jsonl"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", default="/tmp/demo_sizing_data")
+    p.add_argument("--n_train", type=int, default=10_000)
+    p.add_argument("--n_val", type=int, default=200)
+    p.add_argument("--codebook", type=int, default=256)
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--dim", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--steps", type=int, default=1000, help="schedule length (cosine to 10% at this step)")
+    p.add_argument("--eval_at", type=int, nargs="+", default=[200, 400, 600, 800, 1000], help="steps to evaluate at")
+    p.add_argument("--drop", type=float, default=0.1, help="caption dropout probability")
+    p.add_argument("--cfg", type=float, nargs="*", default=[0.0, 3.0])
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def load_split(data: Path, split: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    samples = [s for path in list_shards(data / split) for s in read_shard(path)]
+    return [s.caption_ids for s in samples], [s.codes.astype(np.int64) for s in samples]
+
+
+def batches(vocab, ids, codes, batch: int, drop: float, rng: np.random.Generator):
+    """Endless (input_ids, targets) (B, S) int64 batches, reshuffled every epoch."""
+    while True:
+        order = rng.permutation(len(ids))
+        for start in range(0, len(ids) - batch + 1, batch):
+            built = [vocab.text_to_image([] if rng.random() < drop else ids[i], codes[i]) for i in order[start : start + batch]]
+            yield (torch.from_numpy(np.stack([b.input_ids for b in built])),
+                   torch.from_numpy(np.stack([b.targets for b in built])))
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def evaluate(model, vocab, image_tok, val_ids, val_attrs, args) -> dict:
+    out = {}
+    for cfg in args.cfg:
+        t = time.perf_counter()
+        codes = generate_images(model, vocab, val_ids, cfg_scale=cfg, top_k=args.top_k, seed=args.seed, batch_size=256)
+        images = to_uint8(image_tok.decode(codes))
+        score = consistency_score(images, val_attrs)
+        out[f"cfg{cfg:g}"] = {k: round(score[k], 3) for k in ("color", "shape", "position", "background", "all")}
+        out[f"cfg{cfg:g}"]["sample_s"] = round(time.perf_counter() - t, 1)
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(args.seed)
+    data = Path(args.data)
+    t0 = time.perf_counter()
+    if not (data / "demo_vocab.json").exists():
+        make_demo_dataset(data, args.n_train, args.n_val, args.seed, codebook_size=args.codebook)
+    data_s = time.perf_counter() - t0
+    vocab = load_demo_vocab(data)
+    image_tok = PatchKMeansTokenizer.load(data / "image_tokenizer")
+    ids, codes = load_split(data, "train")
+    val_ids, val_attrs = read_val_captions(data)
+    overrides = {k: v for k, v in (("dim", args.dim), ("n_layers", args.layers), ("n_heads", args.heads)) if v}
+    margs = model_preset(args.preset, vocab_size=vocab.size, seq_len=vocab.seq_len, loss_impl="torch", **overrides)
+    model = build_model(margs, vocab.modality_bounds)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    print(f"data {data_s:.1f}s, {len(ids)} train, vocab {vocab}, model {count_parameters(model):,} params {margs}")
+    stream = batches(vocab, ids, codes, args.batch, args.drop, np.random.default_rng(args.seed))
+    train_s, cpu_s, step = 0.0, 0.0, 0
+    while step < max(args.eval_at):
+        t, c = time.perf_counter(), time.process_time()
+        x, y = next(stream)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        out = model(x, y)
+        loss = out.loss_sum / out.count
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        train_s += time.perf_counter() - t
+        cpu_s += time.process_time() - c
+        if step in args.eval_at:
+            image_loss = (out.modality_sums[1] / out.modality_counts[1]).item()
+            row = {"step": step, "train_s": round(train_s, 1), "s_per_step": round(train_s / step, 3),
+                   "cpu_s_per_step_per_thread": round(cpu_s / step / torch.get_num_threads(), 3),
+                   "loss": round(loss.item(), 3), "image_loss": round(image_loss, 3),
+                   **evaluate(model, vocab, image_tok, val_ids, val_attrs, args)}
+            print(json.dumps(row), flush=True)
+            record = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(), "torch": torch.__version__,
+                      "threads": torch.get_num_threads(), "args": vars(args), "params": count_parameters(model), **row}
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The embedded demo data set: captioned shapes -> token shards, tokenizers and vocabulary on disk.
+
+`make_demo_dataset(out_dir, ...)` writes
+
+    out_dir/train/        token shards (t2i_ds.data.shards format) + manifest.json
+    out_dir/val/          token shards of the held-out images
+    out_dir/val.jsonl     held-out captions, caption ids and ground-truth attributes (one JSON a line)
+    out_dir/tokenizer.json        the word-level Hugging Face text tokenizer
+    out_dir/image_tokenizer/      the patch k-means image tokenizer (demo_tokenizer.PatchKMeansTokenizer)
+    out_dir/demo_vocab.json       the Vocab fields (text ids, codebook size, tokens per image, seq_len)
+
+Sizes were chosen so that a 4-layer, dim-128 model learns the colour of captions on two CPU cores in a
+few minutes (benchmarks/demo_sizing.py): 32 x 32 images, 4 x 4 patches -> 64 tokens per image, 256
+codes, 36 text ids (34 words + [PAD] + [UNK]), sequences of 64 + 6 + 11 = 81 tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+from t2i_ds.data import shapes
+from t2i_ds.data.demo_tokenizer import PatchKMeansTokenizer, to_tensor
+from t2i_ds.data.shards import TokenShardWriter
+from t2i_ds.vocab import Vocab
+
+PAD, UNK = "[PAD]", "[UNK]"
+TEXT_TOKENIZER = "tokenizer.json"
+IMAGE_TOKENIZER = "image_tokenizer"
+VOCAB_FILE = "demo_vocab.json"
+VAL_CAPTIONS = "val.jsonl"
+
+
+def build_text_tokenizer() -> Tokenizer:
+    """Word-level tokenizer over the shapes vocabulary: [PAD] = 0, [UNK] = 1, then the sorted words.
+
+    Lower-cases, splits on whitespace and punctuation (`top-left:` -> `top - left :`).
+    """
+    vocab = {PAD: 0, UNK: 1, **{w: i + 2 for i, w in enumerate(shapes.words())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ | [^\w\s]+
+    return tok
+
+
+def max_caption_tokens(tok: Tokenizer) -> int:
+    """Longest caption any template can produce (every attribute value is one word; positions vary)."""
+    lengths = []
+    for row in shapes.ROWS:
+        for col in shapes.COLS:
+            pos = shapes.ShapeAttributes("red", "circle", row, col, "white").position
+            for template in shapes.TEMPLATES:
+                text = template.format(color="red", shape="circle", pos=pos, pos_h=pos.replace(" ", "-"), bg="white")
+                lengths.append(len(tok.encode(text).ids))
+    return max(lengths)
+
+
+def demo_vocab(tok: Tokenizer, image_tok: PatchKMeansTokenizer, text_size: int = 64) -> Vocab:
+    """Vocab of the demo: `text_size` text rows (>= the word count), the codebook, one image's tokens."""
+    n_words = tok.get_vocab_size()
+    if text_size < n_words:
+        raise ValueError(f"text_size={text_size} is smaller than the {n_words} words of the demo tokenizer")
+    seq_len = image_tok.tokens_per_image + 6 + max_caption_tokens(tok)
+    return Vocab(
+        text_size=text_size,
+        image_size=image_tok.codebook_size,
+        image_tokens=image_tok.tokens_per_image,
+        seq_len=seq_len,
+        pad_id=tok.token_to_id(PAD),
+        real_text_size=n_words,
+    )
+
+
+def load_demo_vocab(path: str | os.PathLike) -> Vocab:
+    """The Vocab from `demo_vocab.json` (or a directory holding it)."""
+    p = Path(path)
+    p = p / VOCAB_FILE if p.is_dir() else p
+    return Vocab(**json.loads(p.read_text()))
+
+
+def encode_images(image_tok: PatchKMeansTokenizer, images: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """(N, S, S, 3) uint8 -> (N, T) int64 codes, in batches to bound memory."""
+    parts = [image_tok.encode(to_tensor(images[i : i + batch])) for i in range(0, len(images), batch)]
+    return torch.cat(parts).numpy()
+
+
+def _write_split(
+    out_dir: Path, split: str, samples: Sequence[shapes.ShapeSample], codes: np.ndarray, ids: list[list[int]], meta: dict
+) -> None:
+    writer = TokenShardWriter(out_dir / split, prefix="tokens", samples_per_shard=1000, meta=meta)
+    for i, (sample, c, caption_ids) in enumerate(zip(samples, codes, ids)):
+        writer.write(f"{split}_{i:07d}", c, caption_ids, sample.caption, {"attributes": sample.attributes.to_dict()})
+    writer.close()
+
+
+def _write_val_captions(path: Path, samples: Sequence[shapes.ShapeSample], ids: list[list[int]]) -> None:
+    lines = [
+        json.dumps({"key": f"val_{i:07d}", "caption": s.caption, "caption_ids": c, "attributes": s.attributes.to_dict()})
+        for i, (s, c) in enumerate(zip(samples, ids))
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def read_val_captions(path: str | os.PathLike) -> tuple[list[list[int]], list[shapes.ShapeAttributes]]:
+    """Caption ids and ground-truth attributes of `val.jsonl` (or of a directory holding it)."""
+    p = Path(path)
+    p = p / VAL_CAPTIONS if p.is_dir() else p
+    rows = [json.loads(line) for line in p.read_text().splitlines() if line]
+    return [r["caption_ids"] for r in rows], [shapes.ShapeAttributes(**r["attributes"]) for r in rows]
+
+
+def make_demo_dataset(
+    out_dir: str | os.PathLike,
+    n_train: int,
+    n_val: int,
+    seed: int,
+    *,
+    image_size: int = 32,
+    patch: int = 4,
+    codebook_size: int = 256,
+    text_size: int = 64,
+) -> dict:
+    """Generate, tokenize and write the demo data set (layout in the module docstring); return a summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train = shapes.generate(n_train, seed, image_size)
+    val = shapes.generate(n_val, seed + 1, image_size)  # another stream: images never seen in training
+    text_tok = build_text_tokenizer()
+    text_tok.save(str(out / TEXT_TOKENIZER))
+    train_images = np.stack([s.image for s in train])  # (N, S, S, 3)
+    image_tok = PatchKMeansTokenizer.fit(to_tensor(train_images), codebook_size, patch, seed)
+    image_tok.save(out / IMAGE_TOKENIZER)
+    vocab = demo_vocab(text_tok, image_tok, text_size)
+    (out / VOCAB_FILE).write_text(json.dumps(dataclasses.asdict(vocab), indent=2))
+    meta = {
+        "image_tokenizer": {"name": "patch_kmeans", "path": str(out / IMAGE_TOKENIZER), "codebook_size": image_tok.codebook_size,
+                            "grid": list(image_tok.grid), "image_size": image_size},
+        "text_tokenizer": {"name": "demo_words", "path": str(out / TEXT_TOKENIZER), "vocab_size": text_tok.get_vocab_size()},
+    }
+    for split, samples in (("train", train), ("val", val)):
+        ids = [e.ids for e in text_tok.encode_batch([s.caption for s in samples])]
+        codes = encode_images(image_tok, np.stack([s.image for s in samples]))
+        _write_split(out, split, samples, codes, ids, meta)
+        if split == "val":
+            _write_val_captions(out / VAL_CAPTIONS, samples, ids)
+    return {"out_dir": str(out), "train": n_train, "val": n_val, "vocab": dataclasses.asdict(vocab), **meta}
