@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,6 +62,28 @@ def load_model_for_inference(run_dir: str | Path, checkpoint: str | None = None,
     model = Transformer(args, vocab.modality_bounds)
     load_into(model, consolidated_state_dict(checkpoint_dir(run_dir, checkpoint)))
     return model.to(device).eval(), vocab, cfg
+
+
+@dataclass
+class InferenceRun:
+    """A trained run ready for sampling: model (eval), its Vocab and Config, and its tokenizers."""
+
+    model: Transformer
+    vocab: Vocab
+    cfg: Config
+    text_tokenizer: object  # t2i_ds.data.text_tokenizer.TextTokenizer
+    image_tokenizer: object | None  # an ImageTokenizer, None when train.image_tokenizer is unset
+
+
+def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str = "cpu") -> InferenceRun:
+    """The model of `run_dir` with the text and image tokenizers named in its config."""
+    from t2i_ds.data.images import load_image_tokenizer
+    from t2i_ds.data.text_tokenizer import TextTokenizer
+
+    model, vocab, cfg = load_model_for_inference(run_dir, checkpoint, device)
+    spec = cfg.train.image_tokenizer
+    image_tok = load_image_tokenizer(spec) if spec else None
+    return InferenceRun(model, vocab, cfg, TextTokenizer(cfg.train.text_tokenizer or None), image_tok)
 
 
 def text_rows_only(sd: dict[str, torch.Tensor], vocab: Vocab) -> dict[str, torch.Tensor]:

@@ -176,7 +176,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     """Load a run, tokenise the captions, sample, decode, write a grid."""
     from t2i_ds.data.demo_tokenizer import to_uint8
-    from t2i_ds.trainer.checkpointing import load_model_for_inference  # lazy: the trainer is heavy
+    from t2i_ds.export import load_run  # lazy: DeepSpeed is heavy
 
     args = _parse_args(argv)
     captions = list(args.captions)
@@ -184,9 +184,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         captions += [line.strip() for line in Path(args.captions_file).read_text().splitlines() if line.strip()]
     if not captions:
         raise SystemExit("no captions: pass --captions or --captions_file")
-    # run: .model (Transformer), .vocab (Vocab), .text_tokenizer (data.text_tokenizer.TextTokenizer),
-    # .image_tokenizer (an ImageTokenizer)
-    run = load_model_for_inference(args.checkpoint)
+    run = load_run(args.checkpoint)  # .model, .vocab, .text_tokenizer, .image_tokenizer
+    if run.image_tokenizer is None:
+        raise SystemExit(f"{args.checkpoint}: the run's config names no train.image_tokenizer to decode with")
     ids = run.text_tokenizer.encode_batch(captions)
     codes = generate_images(
         run.model, run.vocab, ids, cfg_scale=args.cfg_scale, top_k=args.top_k,

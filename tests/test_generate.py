@@ -135,7 +135,7 @@ def test_cli(model, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from t2i_ds.data.demo_tokenizer import PatchKMeansTokenizer
-    from t2i_ds.trainer import checkpointing
+    from t2i_ds import export
 
     class WordIds:
         def encode_batch(self, texts):
@@ -143,7 +143,7 @@ def test_cli(model, tmp_path, monkeypatch):
 
     image_tok = PatchKMeansTokenizer(torch.rand(VOCAB.image_size, 3 * 4 * 4) * 2 - 1, patch=4, image_size=16)
     run = SimpleNamespace(model=model, vocab=VOCAB, text_tokenizer=WordIds(), image_tokenizer=image_tok)
-    monkeypatch.setattr(checkpointing, "load_model_for_inference", lambda run_dir: run, raising=False)
+    monkeypatch.setattr(export, "load_run", lambda run_dir: run)
     (tmp_path / "captions.txt").write_text("a blue square\n\nthere is a red cross\n")
     out = tmp_path / "grid.png"
     gen_mod.main(["--checkpoint", "run", "--captions", "top-left: red circle", "--captions_file",
