@@ -154,6 +154,8 @@ class TrainConfig:
     """Image tokenizer spec for samples, e.g. 'movqgan:/path' or 'demo:/path'."""
     sample_captions: tuple = ()
     """Captions drawn at each sample interval."""
+    sample_cfg_scale: float = 3.0
+    """Classifier-free guidance scale of those samples (0: plain conditional sampling)."""
     data_source: str = "shards"
     """'shards' (token shards, see data.*) or 'synthetic' (deterministic random sequences: throughput
     benchmarks and golden-loss tests; identical global batches at any world size)."""
@@ -170,6 +172,8 @@ class TrainConfig:
         self.sample_captions = tuple(self.sample_captions)
         if self.tokens_per_step <= 0 or self.micro_batch <= 0:
             raise ConfigError(f"train.tokens_per_step={self.tokens_per_step} and train.micro_batch={self.micro_batch} must be positive")
+        if self.sample_every and not (self.image_tokenizer and self.sample_captions):
+            raise ConfigError("train.sample_every needs train.image_tokenizer and train.sample_captions")
         if self.data_source not in ("shards", "synthetic"):
             raise ConfigError(f"train.data_source={self.data_source!r} must be 'shards' or 'synthetic'")
         from t2i_ds.experiments.freeze import FREEZE_PRESETS

@@ -21,3 +21,9 @@ def test_demo_pipeline_small(tmp_path, monkeypatch, capsys):
     plan = json.loads((tmp_path / "train" / "plan.json").read_text())
     assert plan["world_size"] == 2 and cfg["data"]["caption_dropout"] == 0.1
     assert (tmp_path / "train" / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "train" / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert "samples" in acc.Tags()["images"]  # drawn during training every max(1, steps // 4) = 1 steps
+    assert [e.step for e in acc.Images("samples")] == [1, 2, 3, 4, 5, 6]

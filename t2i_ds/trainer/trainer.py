@@ -95,6 +95,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(model.args, self.vocab.seq_len)
         self.peak = peak_flops(self.device)
         self.probes = self._make_probes()
+        self.sampler = self._make_sampler()
         self.stop = StopFlag()
         self._write_run_files()
         self._maybe_resume()
@@ -119,6 +120,30 @@ class Trainer:
         from t2i_ds.experiments.probes import TextProbes
 
         return TextProbes(TextTokenizer(t.text_tokenizer or None), self.vocab)
+
+    def _make_sampler(self):
+        """Image samples for TensorBoard when train.sample_every > 0: caption ids and the decoder."""
+        t = self.cfg.train
+        if not t.sample_every:
+            return None
+        from t2i_ds.data.images import load_image_tokenizer
+        from t2i_ds.data.text_tokenizer import TextTokenizer
+
+        ids = TextTokenizer(t.text_tokenizer or None).encode_batch(list(t.sample_captions))
+        return ids, load_image_tokenizer(t.image_tokenizer)
+
+    def _samples(self) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] for the configured captions (every rank samples: ZeRO-3 gathers)."""
+        from t2i_ds.generate import generate_images
+
+        ids, image_tok = self.sampler
+        model = self.engine.module
+        was_training = model.training
+        model.eval()
+        codes = generate_images(model, self.vocab, ids, cfg_scale=self.cfg.train.sample_cfg_scale, seed=self.step)
+        model.train(was_training)
+        images = image_tok.decode(codes.to(self.device))  # (N, 3, H, W) in [-1, 1]
+        return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
     def _write_run_files(self) -> None:
         if self.rank != 0:
@@ -234,6 +259,9 @@ class Trainer:
             for k, v in result.texts.items():
                 self.tb.text(k, v, self.step)
             self.log("probe: " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+        if t.sample_every and self.step % t.sample_every == 0 and self.sampler is not None:
+            self.tb.images("samples", self._samples(), self.step)
+            self.tb.text("samples/captions", "\n\n".join(t.sample_captions), self.step)
 
     def fit(self) -> dict[str, float]:
         self.engine.train()
