@@ -26,19 +26,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class VocabConfig:
-    """Sizes of the id ranges (see t2i_ds.vocab.Vocab); defaults are the paper's."""
+    """Sizes of the id ranges (see t2i_ds.vocab.Vocab, which owns the defaults: the paper's)."""
 
-    text_size: int = 50_432
+    text_size: int = Vocab.text_size
     """Text rows (open_lm's padded NeoX table)."""
-    image_size: int = 16_384
+    image_size: int = Vocab.image_size
     """Image codebook size (MoVQGAN)."""
-    image_tokens: int = 1_024
+    image_tokens: int = Vocab.image_tokens
     """Tokens per image (32 x 32 grid)."""
-    seq_len: int = 1_152
+    seq_len: int = Vocab.seq_len
     """Model input length of one sample."""
-    pad_id: int = 1
+    pad_id: int = Vocab.pad_id
     """Input id of padding (never a target)."""
-    real_text_size: int = 50_277
+    real_text_size: int = Vocab.real_text_size
     """Ids the text tokenizer can produce."""
 
     def build(self) -> Vocab:
