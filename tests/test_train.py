@@ -30,14 +30,16 @@ def golden_runs(tmp_path_factory):
         "single": (DS_ZERO2, 1),
         "zero2_x2": (DS_ZERO2, 2),
         "zero3_x2": (DS_ZERO3, 2),
+        "zero3_x2_ckpt": (DS_ZERO3, 2),  # + activation checkpointing: recompute must not change the math
     }
     for name, (ds, ranks) in runs.items():
-        train(["--ds_config", ds, *common, "--set", f"train.run_dir={root / name}"], ranks=ranks)
+        extra = ["--set", "model.grad_checkpointing=true"] if name.endswith("_ckpt") else []
+        train(["--ds_config", ds, *common, *extra, "--set", f"train.run_dir={root / name}"], ranks=ranks)
     return root
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["zero2_x2", "zero3_x2"])
+@pytest.mark.parametrize("name", ["zero2_x2", "zero3_x2", "zero3_x2_ckpt"])
 def test_losses_match_single_process(golden_runs, name):
     ref, got = losses(golden_runs / "single"), losses(golden_runs / name)
     assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1))
