@@ -127,4 +127,6 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from t2i_ds.cli import run
+
+    run("t2i_ds.align", main)

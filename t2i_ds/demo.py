@@ -130,4 +130,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from t2i_ds.cli import run
+
+    run("t2i_ds.demo", main)

@@ -47,4 +47,6 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    from t2i_ds.cli import run
+
+    run("t2i_ds.figures", main)

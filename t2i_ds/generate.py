@@ -198,4 +198,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from t2i_ds.cli import run
+
+    run("t2i_ds.generate", main)

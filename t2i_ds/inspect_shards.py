@@ -3,4 +3,6 @@
 from t2i_ds.data.decode_shards import main
 
 if __name__ == "__main__":
-    main()
+    from t2i_ds.cli import run
+
+    run("t2i_ds.inspect_shards", main)

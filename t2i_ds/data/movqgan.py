@@ -221,4 +221,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from t2i_ds.cli import run
+
+    run("t2i_ds.data.movqgan", main)
