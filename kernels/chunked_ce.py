@@ -130,6 +130,7 @@ def modality_sums(
     return sums, counts
 
 
+@torch.compiler.assume_constant_result  # a process-wide constant: torch.compile runs it once, never traces it
 def triton_available() -> bool:
     """True when triton and our fused kernel module import (cached after the first call)."""
     global _TRITON_OK

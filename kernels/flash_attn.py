@@ -1,7 +1,15 @@
 """FlashAttention-2 forward and backward in Triton, on open_lm's [B, S, H, D] layout.
 
 Trio: the Triton kernels (`_fwd_kernel`, `_bwd_preprocess_kernel`, `_bwd_dkdv_kernel`, `_bwd_dq_kernel`),
-the pure-torch reference `attention_ref`, and the autograd op `FlashAttnFunc` / `flash_attention`.
+the pure-torch reference `attention_ref`, and the differentiable op `flash_attention`.
+
+torch.compile: the launchers are `torch.library` custom ops, `torch.ops.t2i.flash_attn_fwd` (q, k, v -> O, LSE)
+and `torch.ops.t2i.flash_attn_bwd` (-> dQ, dK, dV), with fake implementations for the output shapes and the
+backward registered as the forward op's autograd formula. Without them Dynamo would have to trace into the
+autograd.Function, the launchers and Triton's launch machinery (under the CPU interpreter that fails, and
+fullgraph=True errors); with them it keeps each op as one opaque node, never traced into, and AOTAutograd puts the
+backward op in the compiled backward graph. The op bodies are the same launchers, so eager and compiled runs give
+the same bits (tests/test_compile.py).
 
 Math, per batch b and head h, with s = softmax_scale (default 1/sqrt(D)) and diag = Sk - Sq:
 
@@ -447,6 +455,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
                            "triton is imported to run them on the CPU")
 
 
+@torch.compiler.assume_constant_result  # torch.compile reads it once at trace time (dynamo cannot trace knobs)
 def _interpreting() -> bool:
     try:
         from triton import knobs  # triton >= 3.4
@@ -511,24 +520,59 @@ def _flash_attn_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float, blo
     return dq, dk, dv
 
 
-class FlashAttnFunc(torch.autograd.Function):
-    """Autograd op over the Triton kernels. Saves q, k, v, O and the fp32 LSE; nothing of size [Sq, Sk]."""
+# Custom ops for torch.compile (see the module docstring): forward and backward ops, fake implementations for
+# their output shapes, and the autograd formula that links them. The formula saves q, k, v, O and the fp32 LSE;
+# nothing of size [Sq, Sk].
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal: bool, sm_scale: float, block_m, block_n):
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        o, lse = _flash_attn_forward(q, k, v, causal, sm_scale, block_m, block_n)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.sm_scale, ctx.block_m, ctx.block_n = causal, sm_scale, block_m, block_n
-        return o
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        do = _last_dim_contiguous(do)
-        dq, dk, dv = _flash_attn_backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, ctx.block_m, ctx.block_n)
-        return dq, dk, dv, None, None, None, None
+@torch.library.custom_op("t2i::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
+    block_m: int | None, block_n: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O [B, Sq, H, D] in q's dtype, LSE [B, H, Sq] fp32) of q [B, Sq, H, D], k and v [B, Sk, H, D]."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return _flash_attn_forward(q, k, v, causal, sm_scale, block_m, block_n)
+
+
+@_flash_attn_fwd_op.register_fake
+def _(q, k, v, causal, sm_scale, block_m, block_n):
+    B, Sq, H, D = q.shape
+    return q.new_empty((B, Sq, H, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("t2i::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    causal: bool, sm_scale: float, block_m: int | None, block_n: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV), contiguous [B, S, H, D] in the input dtype."""
+    q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
+    return _flash_attn_backward(do, q, k, v, o, lse, causal, sm_scale, block_m, block_n)
+
+
+@_flash_attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, causal, sm_scale, block_m, block_n):
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    return q.new_empty((B, Sq, H, D)), k.new_empty((B, Sk, H, D)), v.new_empty((B, Sk, H, D))
+
+
+def _flash_attn_setup_context(ctx, inputs, output):
+    q, k, v, causal, sm_scale, block_m, block_n = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.causal, ctx.sm_scale, ctx.block_m, ctx.block_n = causal, sm_scale, block_m, block_n
+
+
+def _flash_attn_backward_formula(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _flash_attn_bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, ctx.block_m, ctx.block_n)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_attn_fwd_op.register_autograd(_flash_attn_backward_formula, setup_context=_flash_attn_setup_context)
 
 
 def flash_attention(
@@ -550,4 +594,5 @@ def flash_attention(
     sm_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if q.shape[1] == 0:
         return q.new_empty(q.shape)
-    return FlashAttnFunc.apply(q, k, v, causal, sm_scale, block_m, block_n)
+    o, _ = _flash_attn_fwd_op(q, k, v, causal, sm_scale, block_m, block_n)
+    return o

@@ -47,6 +47,14 @@ Memory bound (beyond inputs, outputs and the [N] loss/lse):
                h is not fp32).
 Never O(N * V) unless the caller asks for it with ``vocab_chunk``.
 
+torch.compile: the launchers are wrapped as ``torch.library`` custom ops, ``torch.ops.t2i.fused_lce_fwd`` (h, w,
+targets -> loss, lse) and ``torch.ops.t2i.fused_lce_bwd`` (-> dh, dw), with fake implementations for the output
+shapes and the backward registered as the forward op's autograd formula. Without them Dynamo would have to trace
+into the autograd.Function, the launchers and Triton's launch machinery (under the CPU interpreter that fails, and
+fullgraph=True errors); with them it keeps each op as one opaque node, never traced into, and AOTAutograd puts
+the backward op in the compiled backward graph. The op bodies are the same launchers, so eager and compiled runs
+give the same bits (tests/test_compile.py).
+
 Preconditions: targets in [0, V) or equal to ``ignore_index`` (checked on device with ``torch._assert_async``,
 no host sync). Tests run the kernels on CPU tensors with ``TRITON_INTERPRET=1``, which must be set before this
 module is imported (``triton.jit`` picks the interpreter at decoration time).
@@ -245,7 +253,7 @@ def linear_cross_entropy_ref(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. Launchers, autograd function, public API
+# 3. Launchers, custom ops with their autograd formula, public API
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -394,24 +402,57 @@ def _lce_backward(h, w, targets, lse, dloss, ignore_index: int, vocab_chunk: int
     return dh, dw
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, w, targets, ignore_index, vocab_chunk):
-        cfg = _config_for(h.dtype)
-        loss, lse = _lce_forward(h, w, targets, ignore_index, cfg)
-        ctx.save_for_backward(h, w, targets, lse)                                 # lse: the only new [N] tensor
-        ctx.ignore_index = ignore_index
-        ctx.vocab_chunk = vocab_chunk
-        return loss
+# Custom ops for torch.compile (see the module docstring): forward and backward ops, fake implementations for
+# their output shapes, and the autograd formula that links them. `vocab_chunk` is an argument of the forward op
+# only so that the backward can see it.
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dloss):
-        h, w, targets, lse = ctx.saved_tensors
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh, dw = _lce_backward(h, w, targets, lse, dloss, ctx.ignore_index, ctx.vocab_chunk,
-                               need_dh, need_dw, _config_for(h.dtype))
-        return dh, dw, None, None, None
+
+@torch.library.custom_op("t2i::fused_lce_fwd", mutates_args=())
+def _fused_lce_fwd(
+    h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, ignore_index: int, vocab_chunk: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss [N] fp32, lse [N] fp32) of h [N, H], w [V, H], targets [N]; ``vocab_chunk`` is for the backward."""
+    return _lce_forward(h, w, targets.contiguous(), ignore_index, _config_for(h.dtype))
+
+
+@_fused_lce_fwd.register_fake
+def _(h, w, targets, ignore_index, vocab_chunk):
+    N = h.shape[0]
+    return h.new_empty(N, dtype=torch.float32), h.new_empty(N, dtype=torch.float32)      # loss [N], lse [N]
+
+
+@torch.library.custom_op("t2i::fused_lce_bwd", mutates_args=())
+def _fused_lce_bwd(
+    dloss: torch.Tensor, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+    ignore_index: int, vocab_chunk: int | None, need_dh: bool, need_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh [N, H], dw [V, H]); a gradient that is not needed comes back as an empty [0] tensor (ops return no None)."""
+    dh, dw = _lce_backward(h, w, targets.contiguous(), lse, dloss, ignore_index, vocab_chunk, need_dh, need_dw,
+                           _config_for(h.dtype))
+    return (dh if need_dh else h.new_empty(0)), (dw if need_dw else w.new_empty(0))
+
+
+@_fused_lce_bwd.register_fake
+def _(dloss, h, w, targets, lse, ignore_index, vocab_chunk, need_dh, need_dw):
+    return (torch.empty_like(h) if need_dh else h.new_empty(0)), (torch.empty_like(w) if need_dw else w.new_empty(0))
+
+
+def _fused_lce_setup_context(ctx, inputs, output):
+    h, w, targets, ignore_index, vocab_chunk = inputs
+    _, lse = output
+    ctx.save_for_backward(h, w, targets, lse)                                     # lse: the only new [N] tensor
+    ctx.mark_non_differentiable(lse)
+    ctx.ignore_index, ctx.vocab_chunk = ignore_index, vocab_chunk
+
+
+def _fused_lce_backward(ctx, dloss, _dlse):
+    h, w, targets, lse = ctx.saved_tensors
+    need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dh, dw = _fused_lce_bwd(dloss, h, w, targets, lse, ctx.ignore_index, ctx.vocab_chunk, need_dh, need_dw)
+    return (dh if need_dh else None), (dw if need_dw else None), None, None, None
+
+
+_fused_lce_fwd.register_autograd(_fused_lce_backward, setup_context=_fused_lce_setup_context)
 
 
 def fused_linear_cross_entropy(
@@ -439,4 +480,5 @@ def fused_linear_cross_entropy(
     targets = targets.contiguous()
     # Device-side range check (no host sync); an out-of-range id would otherwise be silently dropped.
     torch._assert_async(((targets >= 0) & (targets < w.shape[0]) | (targets == ignore_index)).all())
-    return _FusedLinearCrossEntropy.apply(h, w, targets, ignore_index, vocab_chunk)
+    loss, _ = _fused_lce_fwd(h, w, targets, ignore_index, vocab_chunk)
+    return loss
