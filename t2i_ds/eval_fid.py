@@ -397,7 +397,7 @@ def generated_stats(run, captions: Sequence[str], extractor: FeatureExtractor, *
     """Sample one image per caption with `run` (an export.InferenceRun), decode, accumulate features.
 
     Captions are ordered by prompt length and cut into chunks of `batch_size`, so that the sampler's
-    batches (one prompt length each) stay full; chunk k samples from `chunk_seed(seed, k)`. The images
+    left-padded batches carry little padding; chunk k samples from `chunk_seed(seed, k)`. The images
     are therefore a function of (run, captions, settings, seed, batch_size). With `save_dir`, each is
     written losslessly as `save_dir/{caption index:06d}.png` at the model's resolution.
     """

@@ -10,10 +10,15 @@ same way, `vocab.text_to_image([], codes)`), and
 
     logits = uncond + cfg_scale * (cond - uncond)
 
-Conditional rows of one batch share a prompt length (captions are grouped by length), so no padding
-or attention mask is needed. The unconditional rows have a shorter prompt; sharing one forward with
-them would need a key-padding mask that the model's attention does not take, so each guided step
-runs the conditional and the unconditional rows as two calls with two KV caches.
+One batch, one KV cache, one forward per step (as LlamaGen, Janus, Liquid): a batch of b captions is
+the rows [b conditional prompts; b unconditional prompts] (the latter only when cfg_scale > 0), each
+LEFT-padded with `vocab.pad_id` to the batch's longest prompt, so every row's next token lands in the
+same column. The model gets a key-padding mask over every key so far (padded keys are never attended)
+and, with `rotary`, per-row positions that start each row's real tokens at 0, as if unpadded; the
+(2b, V) logits are split into their halves for the guidance formula, and the sampled code is fed to
+both halves. Captions of different lengths share a batch too (no grouping by length). A batch with
+no padding (one prompt length, e.g. cfg_scale == 0 and equal captions) passes no mask at all, which
+is exactly the unpadded computation and keeps mask-less flash kernels eligible on GPUs.
 
 CLI:  python -m t2i_ds.generate --checkpoint RUN_DIR --captions "a red circle ..." --out grid.png
 """
@@ -22,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
@@ -55,39 +59,49 @@ def _image_logits(logits: torch.Tensor, vocab: Vocab) -> torch.Tensor:
     return logits[:, vocab.image_offset : vocab.special_offset]
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts -> ids (B, L) left-padded with pad_id to the longest, and the mask (B, L) bool, True = real.
+
+    The mask is None when every prompt has length L (nothing is padded).
+    """
+    L = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)  # (B, L)
+    if all(len(p) == L for p in prompts):
+        return ids, None
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
+    mask = torch.arange(L, device=device)[None, :] >= (L - lengths)[:, None]  # (B, L)
+    return ids, mask
+
+
 @torch.no_grad()
 def _sample_batch(
-    model, vocab: Vocab, prompts: torch.Tensor, cfg_scale: float, top_k: int | None, temperature: float, gen: torch.Generator
+    model, vocab: Vocab, prompts: list[list[int]], cfg_scale: float, top_k: int | None, temperature: float,
+    gen: torch.Generator,
 ) -> torch.Tensor:
-    """(B, L) prompts of one length -> (B, image_tokens) int64 codes."""
-    B = prompts.shape[0]
-    guided = cfg_scale > 0
-    logits, cache = model.forward_with_cache(prompts)  # (B, V)
-    if guided:
-        uncond = torch.tensor([cfg_prompt(vocab)], device=prompts.device).expand(B, -1)  # (B, 4)
-        logits_u, cache_u = model.forward_with_cache(uncond)  # (B, V)
-    codes = torch.empty(B, vocab.image_tokens, dtype=torch.long, device=prompts.device)
+    """b prompts of any lengths -> (b, image_tokens) int64 codes; guided rows ride in the same forward."""
+    device = next(model.parameters()).device
+    b, guided = len(prompts), cfg_scale > 0
+    rows = prompts + [cfg_prompt(vocab)] * b if guided else prompts  # [cond; uncond]: (R,) with R = b or 2b
+    ids, mask = left_pad(rows, vocab.pad_id, device)  # (R, L), (R, L) or None
+    if mask is not None:  # every key of the whole decode; step t attends the first L + t + 1 columns
+        mask = torch.cat([mask, mask.new_ones(len(rows), vocab.image_tokens)], dim=1)  # (R, L + image_tokens)
+    L = ids.shape[1]
+    logits, cache = model.forward_with_cache(ids, key_padding_mask=None if mask is None else mask[:, :L])  # (R, V)
+    codes = torch.empty(b, vocab.image_tokens, dtype=torch.long, device=device)
     for t in range(vocab.image_tokens):
-        step = _image_logits(logits, vocab)  # (B, I)
+        step = _image_logits(logits, vocab)  # (R, I)
         if guided:
-            cond_u = _image_logits(logits_u, vocab)
-            step = cond_u + cfg_scale * (step - cond_u)
+            cond, uncond = step[:b], step[b:]  # (b, I) each
+            step = uncond + cfg_scale * (cond - uncond)
         codes[:, t] = sample_from_logits(step, top_k, temperature, gen)
         if t + 1 == vocab.image_tokens:
             break  # </image> would follow; the last code needs no forward
-        ids = codes[:, t : t + 1] + vocab.image_offset  # (B, 1)
-        logits, cache = model.forward_with_cache(ids, cache)
+        ids = codes[:, t : t + 1] + vocab.image_offset  # (b, 1)
         if guided:
-            logits_u, cache_u = model.forward_with_cache(ids, cache_u)
+            ids = ids.repeat(2, 1)  # (2b, 1): the same code continues the cond and the uncond row
+        step_mask = None if mask is None else mask[:, : L + t + 1]  # (R, L + t + 1)
+        logits, cache = model.forward_with_cache(ids, cache, key_padding_mask=step_mask)  # (R, V)
     return codes
-
-
-def _batches_by_prompt_length(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Indices of prompts grouped by length, in chunks of at most batch_size (input order kept inside)."""
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        groups[len(p)].append(i)
-    return [idx[s : s + batch_size] for _, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
 
 
 @torch.no_grad()
@@ -105,7 +119,8 @@ def generate_images(
     """Sample one image per caption: (N, image_tokens) int64 codes in [0, image_size), in input order.
 
     The result is a function of (model, captions, settings, seed, batch_size): each batch draws from
-    one generator seeded once, in a fixed order of batches.
+    one generator seeded once, in a fixed order of batches. A batch is up to `batch_size` consecutive
+    captions of any lengths; with cfg_scale > 0 it runs 2 * batch_size rows (cond + uncond) per forward.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy), got {temperature}")
@@ -116,9 +131,10 @@ def generate_images(
     was_training = model.training
     model.eval()
     try:
-        for idx in _batches_by_prompt_length(prompts, batch_size):
-            batch = torch.tensor([prompts[i] for i in idx], device=device)  # (b, L)
-            out[idx] = _sample_batch(model, vocab, batch, cfg_scale, top_k, temperature, gen).cpu()
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            codes = _sample_batch(model, vocab, batch, cfg_scale, top_k, temperature, gen)  # (b, image_tokens)
+            out[start : start + len(batch)] = codes.cpu()
     finally:
         model.train(was_training)
     return out

@@ -1,4 +1,4 @@
-"""The sampler: image-id masking, seeding, KV-cache decoding, classifier-free guidance, grids, CLI."""
+"""The sampler: image-id masking, seeding, KV-cache decoding, batched classifier-free guidance, grids, CLI."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch.nn as nn
 from PIL import Image
 
 from t2i_ds import generate as gen_mod
-from t2i_ds.generate import cfg_prompt, generate_images, sample_from_logits, save_grid
+from t2i_ds.generate import cfg_prompt, generate_images, left_pad, sample_from_logits, save_grid
 from t2i_ds.model.args import model_preset
 from t2i_ds.model.transformer import build_model
 from t2i_ds.vocab import tiny_vocab
@@ -29,10 +29,11 @@ class RecordingModel(nn.Module):
     def __init__(self, vocab):
         super().__init__()
         self.dummy = nn.Parameter(torch.zeros(()))
-        self.vocab, self.calls = vocab, []
+        self.vocab, self.calls, self.masks = vocab, [], []
 
-    def forward_with_cache(self, input_ids, past=None):
+    def forward_with_cache(self, input_ids, past=None, *, key_padding_mask=None):
         self.calls.append((input_ids.clone(), past is None))
+        self.masks.append(None if key_padding_mask is None else key_padding_mask.clone())
         g = torch.Generator().manual_seed(int(input_ids.sum()))
         logits = torch.rand(input_ids.shape[0], self.vocab.size, generator=g)  # (B, V)
         logits[:, : self.vocab.image_offset] += 100.0  # text ids: far more likely if not masked
@@ -62,12 +63,27 @@ def test_samples_only_image_ids():
 def test_prompts_and_cfg_rows():
     fake = RecordingModel(VOCAB)
     generate_images(fake, VOCAB, CAPTIONS[:2], cfg_scale=3.0, seed=0)
-    prefills = [ids.tolist() for ids, first in fake.calls if first]
+    P = VOCAB.pad_id
     uncond = [VOCAB.doc, VOCAB.text, VOCAB.text_end, VOCAB.image]  # the trained empty-caption prefix
-    expected = [[VOCAB.prompt(CAPTIONS[1])], [uncond], [VOCAB.prompt(CAPTIONS[0])], [uncond]]
-    assert prefills == expected  # grouped by length (shortest first), each with its unconditional rows
-    decode_calls = sum(1 for _, first in fake.calls if not first)
-    assert decode_calls == 2 * 2 * (VOCAB.image_tokens - 1)  # two groups x (cond + uncond) x steps after the first
+    (prefill, first), *steps = fake.calls
+    assert first and not any(f for _, f in steps)  # one prefill for both captions and their uncond rows
+    # caption lengths 3 and 1: prompts of 7 and 5 ids, uncond 4; all left-padded to 7, [cond; uncond]
+    assert prefill.tolist() == [VOCAB.prompt(CAPTIONS[0]), [P] * 2 + VOCAB.prompt(CAPTIONS[1]), [P] * 3 + uncond,
+                                [P] * 3 + uncond]
+    assert fake.masks[0].tolist() == [[True] * 7, [False] * 2 + [True] * 5, [False] * 3 + [True] * 4,
+                                      [False] * 3 + [True] * 4]
+    assert len(steps) == VOCAB.image_tokens - 1  # ONE forward per decoding step, not two
+    for t, ((ids, _), mask) in enumerate(zip(steps, fake.masks[1:])):
+        assert ids.shape == (4, 1) and torch.equal(ids[:2], ids[2:])  # the sampled code continues both halves
+        assert mask.shape == (4, 7 + t + 1) and torch.equal(mask[:, :7], fake.masks[0]) and mask[:, 7:].all()
+
+
+def test_no_mask_without_padding():
+    fake = RecordingModel(VOCAB)
+    generate_images(fake, VOCAB, [[5, 6], [7, 8]], seed=0)  # cfg 0, one prompt length: the unpadded path
+    assert all(m is None for m in fake.masks) and fake.calls[0][0].shape == (2, 6)
+    ids, mask = left_pad([[3, 4, 5], [6]], pad_id=1, device="cpu")
+    assert ids.tolist() == [[3, 4, 5], [1, 1, 6]] and mask.tolist() == [[True] * 3, [False, False, True]]
 
 
 def test_unconditional_prompt_is_the_trained_empty_caption_prefix():
@@ -92,10 +108,37 @@ def test_kv_cache_decoding_equals_full_recompute(model):
         assert torch.equal(row, greedy_full_recompute(model, VOCAB, caption))
 
 
-def test_batching_keeps_input_order(model):
-    together = generate_images(model, VOCAB, CAPTIONS, top_k=1, batch_size=2)
-    alone = torch.cat([generate_images(model, VOCAB, [c], top_k=1) for c in CAPTIONS])
-    assert torch.equal(together, alone)
+def two_call_cfg_reference(model, vocab, caption, cfg_scale):
+    """The previous sampler, greedy: unpadded cond and uncond rows, two forwards and two KV caches per step."""
+    logits_c, cache_c = model.forward_with_cache(torch.tensor([vocab.prompt(caption)]))  # (1, V)
+    logits_u, cache_u = model.forward_with_cache(torch.tensor([cfg_prompt(vocab)]))  # (1, V)
+    codes = []
+    for _ in range(vocab.image_tokens):
+        c, u = (x[:, vocab.image_offset : vocab.special_offset] for x in (logits_c, logits_u))  # (1, I)
+        codes.append((u + cfg_scale * (c - u)).argmax(-1, keepdim=True))  # (1, 1)
+        ids = codes[-1] + vocab.image_offset
+        logits_c, cache_c = model.forward_with_cache(ids, cache_c)
+        logits_u, cache_u = model.forward_with_cache(ids, cache_u)
+    return torch.cat(codes, dim=1)[0]  # (image_tokens,)
+
+
+@pytest.mark.parametrize("pos_embed", ["rotary", "none"])
+def test_batched_cfg_equals_two_call_reference(pos_embed):
+    torch.manual_seed(0)
+    args = model_preset("debug", vocab_size=VOCAB.size, seq_len=VOCAB.seq_len, loss_impl="torch",
+                        attn_backend="sdpa", pos_embed=pos_embed)
+    m = build_model(args, VOCAB.modality_bounds).eval()
+    batched = generate_images(m, VOCAB, CAPTIONS, top_k=1, cfg_scale=3.0)  # one mixed-length batch, 12 rows
+    for caption, row in zip(CAPTIONS, batched):
+        assert torch.equal(row, two_call_cfg_reference(m, VOCAB, caption, 3.0))
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 3.0])
+def test_mixed_length_batch_equals_per_caption_calls(model, cfg_scale):
+    alone = torch.cat([generate_images(model, VOCAB, [c], top_k=1, cfg_scale=cfg_scale) for c in CAPTIONS])
+    for batch_size in (len(CAPTIONS), 4):  # one batch of lengths 3, 1, 3, 2, 0, 3; then 4 + 2 captions
+        together = generate_images(model, VOCAB, CAPTIONS, top_k=1, cfg_scale=cfg_scale, batch_size=batch_size)
+        assert torch.equal(together, alone)
 
 
 def test_cfg(model):

@@ -16,6 +16,19 @@ Semantics shared by every backend: softmax scale 1/sqrt(D); with Sq < Sk (decodi
 queries are the LAST Sq positions, so the causal mask is aligned to the bottom-right corner: query i attends
 keys j <= Sk - Sq + i. The result may be a non-contiguous view (SDPA returns [B, H, S, D] memory).
 
+Key padding (`key_padding_mask` [B, Sk] bool, True = a real key; batched generation with left-padded
+prompts): query i of row b attends key j iff
+
+    causal(i, j) and (key_padding_mask[b, j] or j == Sk - Sq + i)
+
+i.e. padded keys are never attended, except that a query always sees its own key. That exception only
+matters for queries AT padded positions: without it their softmax row would be empty (NaN), the NaN would
+reach the padded K/V of the next layer, and 0 * NaN = NaN would leak into the real rows through P @ V.
+A real query's own key is real, so its output is exactly that of the unpadded row. Only SDPA and eager take
+an explicit mask: with a mask, flash_attn / triton / sdpa_flash / sdpa_cudnn / auto run plain sdpa (torch
+then picks mem-efficient or math), sdpa_efficient / sdpa_math keep their kernel, eager applies the mask in
+fp32. With `key_padding_mask=None` every backend behaves exactly as without this feature.
+
 "auto" on CUDA (measured, not guessed): the first call for a key
     (device, dtype, head_dim, causal, Sq bucket, Sk bucket)
 with seq-len buckets = next power of two, times every available fast backend (all but eager and sdpa_math,
@@ -33,6 +46,7 @@ may pick differently from run to run: pass an explicit backend for bitwise-repro
 from __future__ import annotations
 
 import contextlib
+import math
 from functools import lru_cache
 from typing import Callable
 
@@ -99,6 +113,52 @@ def _eager(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
     from t2i_kernels.flash_attn import attention_ref  # the kernels' own reference: one baseline, never forked
 
     return attention_ref(q, k, v, causal)
+
+
+def padded_causal_mask(key_padding_mask: Tensor, Sq: int, causal: bool) -> Tensor:
+    """[B, Sk] key padding (True = real) -> [B, 1, Sq, Sk] bool, True = attend (see the module docstring).
+
+    causal: bottom-right aligned, and a query always sees its own key (no empty softmax row); non-causal:
+    the padding mask broadcast over the queries (a row whose keys are all padded is then undefined).
+    """
+    B, Sk = key_padding_mask.shape
+    keys = key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk)
+    if not causal:
+        return keys.expand(B, 1, Sq, Sk)
+    i = torch.arange(Sq, device=key_padding_mask.device)[:, None] + (Sk - Sq)  # (Sq, 1) absolute query position
+    j = torch.arange(Sk, device=key_padding_mask.device)[None, :]  # (1, Sk)
+    return (j <= i) & (keys | (j == i))  # (B, 1, Sq, Sk)
+
+
+def _sdpa_masked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, kernel=None) -> Tensor:
+    """SDPA with an explicit [B, 1, Sq, Sk] boolean mask (True = attend)."""
+    from torch.nn.attention import sdpa_kernel
+
+    ctx = sdpa_kernel([kernel]) if kernel is not None else contextlib.nullcontext()
+    with ctx:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        )  # (B, H, Sq, D)
+    return out.transpose(1, 2)  # (B, Sq, H, D), a view
+
+
+def _eager_masked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Explicit softmax in fp32 with a [B, 1, Sq, Sk] boolean mask: the reference of the masked path."""
+    qh, kh, vh = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+    scores = (qh @ kh.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, Sq, Sk)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)  # (B, H, Sq, Sk)
+    return (probs @ vh).transpose(1, 2).to(q.dtype)  # (B, Sq, H, D)
+
+
+def _masked(q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Tensor, backend: str) -> Tensor:
+    """The key-padding path: SDPA with an explicit mask, or eager; backends without mask support use sdpa."""
+    from torch.nn.attention import SDPBackend
+
+    mask = padded_causal_mask(key_padding_mask, q.shape[1], causal)  # (B, 1, Sq, Sk)
+    if backend == "eager":
+        return _eager_masked(q, k, v, mask)
+    kernel = {"sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}.get(backend)
+    return _sdpa_masked(q, k, v, mask, kernel)
 
 
 _IMPLS: dict[str, Callable[[Tensor, Tensor, Tensor, bool], Tensor]] = {
@@ -228,7 +288,7 @@ def _choose_auto(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------------------
-def _validate(q: Tensor, k: Tensor, v: Tensor, causal: bool, backend: str) -> None:
+def _validate(q: Tensor, k: Tensor, v: Tensor, causal: bool, backend: str, key_padding_mask: Tensor | None) -> None:
     if backend not in VALID_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid backends: {', '.join(VALID_BACKENDS)}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -253,18 +313,41 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, causal: bool, backend: str) -> No
     if causal and Sq > k.shape[1]:
         raise ValueError(f"attention: causal attention needs Sq <= Sk (the queries are the last Sq positions), "
                          f"got Sq={Sq}, Sk={k.shape[1]}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("attention: key_padding_mask must be a bool tensor [B, Sk] (True = attend)")
+        if tuple(key_padding_mask.shape) != (B, k.shape[1]):
+            raise ValueError(f"attention: key_padding_mask must have shape [B, Sk] = {(B, k.shape[1])}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"attention: key_padding_mask on {key_padding_mask.device}, q on {q.device}")
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, backend: str = "auto") -> Tensor:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    backend: str = "auto",
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
     """Scaled dot-product attention, q [B, Sq, H, D], k and v [B, Sk, H, D] -> [B, Sq, H, D].
 
     Scale 1/sqrt(D). With Sq < Sk the queries are the last Sq positions: query i attends keys j <= Sk - Sq + i.
     `backend` is one of VALID_BACKENDS (see the module docstring; "auto" measures on CUDA, sdpa on CPU).
+    `key_padding_mask` [B, Sk] bool (True = a real key): padded keys are never attended (a query still sees its
+    own key); backends that take no mask run sdpa instead. None: exactly the unmasked path.
     """
-    _validate(q, k, v, causal, backend)
+    _validate(q, k, v, causal, backend, key_padding_mask)
+    if key_padding_mask is not None:
+        return _masked(q, k, v, causal, key_padding_mask, backend)  # no "auto" trial: sdpa is the masked path
     if backend == "auto":
         backend = _choose_auto(q, k, v, causal)
     return _IMPLS[backend](q, k, v, causal)
 
 
-__all__ = ["attention", "available_backends", "auto_choices", "reset_auto_choices", "BACKENDS", "VALID_BACKENDS"]
+__all__ = [
+    "attention", "padded_causal_mask", "available_backends", "auto_choices", "reset_auto_choices", "BACKENDS",
+    "VALID_BACKENDS",
+]

@@ -56,19 +56,28 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq)  # (D/2,)
         self.by_head = by_head
 
-    def _cos_sin(self, n: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.arange(offset, offset + n, device=device, dtype=torch.float32)  # (n,)
-        freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))  # (n, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (n, D)
+    def _cos_sin(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # t: float32 positions of any shape (...,) -> cos, sin (..., D)
+        freqs = t[..., None] * self.inv_freq.to(device=t.device, dtype=torch.float32)  # (..., D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (..., D)
         return emb.cos(), emb.sin()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        # q, k: (B, S, H, D)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q, k (B, S, H, D). Positions are `offset + arange(S)` for every row, or per-row `positions`
+        (B, S) when given (left-padded generation: a row's real tokens at 0, 1, ... as if unpadded).
+        head_rotary ignores both: its "position" is the head index."""
         if self.by_head:
-            cos, sin = self._cos_sin(q.shape[2], 0, q.device)  # (H, D): position = head index
+            t = torch.arange(q.shape[2], device=q.device, dtype=torch.float32)  # (H,): position = head index
+            cos, sin = self._cos_sin(t)  # (H, D)
             cos, sin = cos[None, None], sin[None, None]  # (1, 1, H, D)
+        elif positions is not None:
+            cos, sin = self._cos_sin(positions.to(device=q.device, dtype=torch.float32))  # (B, S, D)
+            cos, sin = cos[:, :, None], sin[:, :, None]  # (B, S, 1, D)
         else:
-            cos, sin = self._cos_sin(q.shape[1], offset, q.device)  # (S, D)
+            t = torch.arange(offset, offset + q.shape[1], device=q.device, dtype=torch.float32)  # (S,)
+            cos, sin = self._cos_sin(t)  # (S, D)
             cos, sin = cos[None, :, None], sin[None, :, None]  # (1, S, 1, D)
         q_out = q.float() * cos + rotate_half(q.float()) * sin
         k_out = k.float() * cos + rotate_half(k.float()) * sin
@@ -98,7 +107,15 @@ class CustomAttn(nn.Module):
         trunc_normal_(self.in_proj.weight, std)
         trunc_normal_(self.out_proj.weight, std / math.sqrt(2 * (self.layer_id + 1)))  # depth-scaled
 
-    def forward(self, x: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        past: KVCache | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """x (B, S, dim); key_padding_mask (B, S_past + S) bool over every key, True = real; positions (B, S)
+        per-row rotary positions of the new tokens (None: S_past, S_past + 1, ... for every row)."""
         B, S, _ = x.shape  # (B, S, dim)
         q, k, v = self.in_proj(x).chunk(3, dim=-1)  # 3 x (B, S, dim)
         if self.q_norm is not None:  # open_lm normalises the full vectors, before the head split
@@ -106,10 +123,10 @@ class CustomAttn(nn.Module):
         q, k, v = (t.view(B, S, self.n_heads, self.head_dim) for t in (q, k, v))  # (B, S, H, D)
         past_len = 0 if past is None else past[0].shape[1]
         if self.pos_embed is not None:
-            q, k = self.pos_embed(q, k, offset=past_len)
+            q, k = self.pos_embed(q, k, offset=past_len, positions=positions)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=1), torch.cat((past[1], v), dim=1)  # (B, S_past + S, H, D)
-        out = attention(q, k, v, causal=True, backend=self.backend)  # (B, S, H, D)
+        out = attention(q, k, v, causal=True, backend=self.backend, key_padding_mask=key_padding_mask)  # (B, S, H, D)
         return self.out_proj(out.reshape(B, S, self.dim)), (k, v)
 
 
@@ -143,7 +160,13 @@ class Block(nn.Module):
         self.attention_norm = make_norm(args.norm_type, args.dim, args.norm_eps)
         self.ffn_norm = make_norm(args.norm_type, args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        a, kv = self.attention(self.attention_norm(x), past)
+    def forward(
+        self,
+        x: torch.Tensor,
+        past: KVCache | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        a, kv = self.attention(self.attention_norm(x), past, key_padding_mask, positions)
         h = x + a
         return h + self.feed_forward(self.ffn_norm(h)), kv

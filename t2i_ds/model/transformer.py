@@ -53,17 +53,35 @@ class Transformer(nn.Module):
                 m.reset_parameters()  # gain 1, bias 0
 
     def hidden_states(
-        self, input_ids: torch.Tensor, past: list[KVCache] | None = None
+        self,
+        input_ids: torch.Tensor,
+        past: list[KVCache] | None = None,
+        *,
+        key_padding_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KVCache]]:
-        """Final-norm hidden states (B, S, dim) and the per-layer KV caches."""
+        """Final-norm hidden states (B, S, dim) and the per-layer KV caches.
+
+        key_padding_mask (B, S_past + S) bool, True = a real token, covers the cached keys and the new ones
+        (batched generation with left-padded prompts); padded keys are never attended. positions (B, S): the
+        rotary positions of the new tokens; by default `padded_positions(key_padding_mask)` with a mask (each
+        row's real tokens at 0, 1, ... as if unpadded), S_past + arange(S) without one. RoPE scores depend on
+        position differences only, so a row shifted by its pads would give the same logits in exact arithmetic;
+        the per-row offsets make the rotated q/k and the cached keys those of the unpadded row (the same fp32
+        angles, no drift with long pads), so batched and single-row sampling agree to rounding.
+        """
+        if positions is None and key_padding_mask is not None:
+            positions = padded_positions(key_padding_mask)[:, -input_ids.shape[1] :]  # (B, S)
         x = self.post_embed_norm(self.tok_embeddings(input_ids))  # (B, S, dim)
         caches: list[KVCache] = []
         for i, layer in enumerate(self.layers):
             layer_past = None if past is None else past[i]
             if self.grad_checkpointing and self.training and layer_past is None:
-                x, kv = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+                x, kv = torch.utils.checkpoint.checkpoint(
+                    layer, x, None, key_padding_mask, positions, use_reentrant=False
+                )
             else:
-                x, kv = layer(x, layer_past)
+                x, kv = layer(x, layer_past, key_padding_mask, positions)
             caches.append(kv)
         return self.norm(x), caches
 
@@ -74,11 +92,28 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def forward_with_cache(
-        self, input_ids: torch.Tensor, past: list[KVCache] | None = None
+        self,
+        input_ids: torch.Tensor,
+        past: list[KVCache] | None = None,
+        *,
+        key_padding_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KVCache]]:
-        """Generation step: logits of the last position (B, V) and the extended caches."""
-        h, caches = self.hidden_states(input_ids, past)
+        """Generation step: logits of the last position (B, V) and the extended caches.
+
+        With left-padded rows pass `key_padding_mask` (B, S_past + S) over every key so far (see
+        `hidden_states`); the last position must then be a real token of every row.
+        """
+        h, caches = self.hidden_states(input_ids, past, key_padding_mask=key_padding_mask, positions=positions)
         return self.output(h[:, -1:])[:, 0], caches
+
+
+def padded_positions(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool, True = real token -> (B, S) int64 positions counting real tokens only (pads get 0).
+
+    Left padding with n pads: positions -n, ..., -1 clamped to 0, then 0, 1, 2, ... (offset -n per row).
+    """
+    return (key_padding_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
