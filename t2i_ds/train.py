@@ -40,8 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"t2i_ds.train: error: {e}", file=sys.stderr)
         return 2
+    from t2i_ds.data.loader import BrokenDataError
+
     try:
         trainer.fit()
+    except BrokenDataError as e:  # damaged shards: the loader names the shard; no traceback wall
+        print(f"t2i_ds.train: error: {e}", file=sys.stderr)
+        return 2
     finally:
         trainer.close()
     return 0

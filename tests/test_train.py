@@ -152,3 +152,24 @@ def test_fused_triton_loss_under_zero3_matches_reference(golden_runs, tmp_path):
         print(step, ref[step], got[step])
         assert got[step] == pytest.approx(ref[step], rel=GOLDEN_RTOL)
     assert json.loads((run / "config.json").read_text())["model"]["overrides"]["loss_impl"] == "triton"
+
+
+@pytest.mark.slow
+def test_text_mixing_run_logs_loader_counters(tmp_path):
+    """data.text_mix_ratio mixes text-only samples into training (forgetting mitigation); the loader's
+    counters reach the metrics, so the mix is visible next to the probes."""
+    from t2i_ds.data.demo_data import make_demo_dataset
+
+    data = tmp_path / "data"
+    make_demo_dataset(data, n_train=200, n_val=4, seed=0)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(["a red circle and a blue square", "there is a green cross at the top"] * 20))
+    vocab = json.loads((data / "demo_vocab.json").read_text())
+    sets = [f"vocab.{k}={v}" for k, v in vocab.items()] + [
+        f"data.path={data / 'train'}", "data.text_mix_ratio=0.5", f"data.text_path={text}",
+        f"data.text_tokenizer={data / 'tokenizer.json'}", "train.steps=3", "train.log_every=3", f"train.run_dir={tmp_path / 'run'}"]
+    train(["--ds_config", DS_ZERO2, "--preset", "demo", *sum((["--set", s] for s in sets), [])])
+    last = metrics(tmp_path / "run")[-1]
+    assert last["data/text_samples"] > 0 and last["data/samples"] > 0
+    total = last["data/text_samples"] + last["data/samples"]
+    assert 0.2 < last["data/text_samples"] / total < 0.8  # ~ the requested ratio over 48 samples

@@ -47,3 +47,20 @@ def test_data_path_without_shards(tmp_path):
     (tmp_path / "empty").mkdir()
     _fails(["--ds_config", DS_ZERO2, "--set", "train.data_source=shards", "--set", f"data.path={tmp_path / 'empty'}"],
            tmp_path, "no token shards")
+
+
+def test_damaged_shards_stop_with_one_line(tmp_path):
+    """Every record broken: the loader's threshold error names the shard; no traceback wall."""
+    import io
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "tokens-000000.tar", "w") as tar:
+        for i in range(20):
+            for ext, data in (("codes.npy", b"not a numpy file"), ("ids.npy", b"\x00"), ("txt", b"x"), ("json", b"{bad")):
+                info = tarfile.TarInfo(f"k{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    _fails(["--ds_config", DS_ZERO2, "--set", "train.data_source=shards", "--set", f"data.path={shards}",
+            "--set", "data.num_workers=0", "--set", "data.min_records_for_broken_check=5"], tmp_path, "tokens-000000.tar")

@@ -220,12 +220,18 @@ class Trainer:
         if norm is not None:
             metrics["grad_norm"] = float(norm)
         metrics.update(memory_metrics(self.device))
+        metrics.update(self._data_metrics())
         self.tb.scalars(metrics, self.step)
         if self.rank == 0:  # the same numbers as JSON lines, for scripts and tests
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
         self.window.reset()
         return metrics
+
+    def _data_metrics(self) -> dict[str, float]:
+        """This rank's loader counters (samples, text samples, broken records by reason), rank 0 logs."""
+        stats = getattr(self.data, "stats", None)
+        return {f"data/{k.replace(':', '/')}": float(v) for k, v in stats.items()} if stats else {}
 
     def _print(self, m: dict[str, float]) -> None:
         parts = [f"step {self.step}/{self.steps}", f"loss {m.get('loss/total', float('nan')):.4f}"]
