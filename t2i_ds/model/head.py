@@ -42,8 +42,14 @@ class LossOutput(NamedTuple):
 
 
 def modality_index(targets: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:
-    """Bucket of each target id: 0 below bounds[0], 1 below bounds[1], ...; -1 where ignored."""
-    idx = torch.bucketize(targets, torch.tensor(bounds, device=targets.device), right=True)
+    """Bucket of each target id: 0 below bounds[0], 1 below bounds[1], ...; -1 where ignored.
+
+    Comparisons against Python ints: a `torch.tensor(bounds, device=...)` here would be a blocking
+    host-to-device copy in every forward.
+    """
+    idx = torch.zeros_like(targets)
+    for b in bounds:
+        idx += targets >= b
     return torch.where(targets < 0, -1, idx)
 
 
@@ -51,10 +57,9 @@ def split_by_modality(
     loss: torch.Tensor, targets: torch.Tensor, bounds: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token losses (N,) -> (sums (M,), counts (M,)) in fp32, with torch ops only (no sync)."""
-    m = len(bounds) + 1
     idx = modality_index(targets, bounds)  # (N,), -1 where ignored
-    onehot = (idx[:, None] == torch.arange(m, device=idx.device)[None]).to(torch.float32)  # (N, M)
-    return loss.detach().float() @ onehot, onehot.sum(0)
+    masks = torch.stack([idx == m for m in range(len(bounds) + 1)]).to(torch.float32)  # (M, N)
+    return masks @ loss.detach().float(), masks.sum(1)
 
 
 def per_token_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, impl: str) -> torch.Tensor:

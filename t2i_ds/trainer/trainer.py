@@ -181,20 +181,24 @@ class Trainer:
             print(f"[t2i_ds] {msg}", flush=True)
 
     # ---- one optimizer step --------------------------------------------------------------------
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Pinned host memory, then an async copy: a pageable copy would wait for the queued kernels."""
+        if self.device.type != "cuda":
+            return batch
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+
     def _global_count(self, micro: list[dict]) -> torch.Tensor:
-        """Targets of this step over all ranks, as a device tensor (no host sync)."""
-        local = sum(int((b["targets"] != IGNORE).sum()) for b in micro)  # host ints: batches are on CPU
-        count = torch.tensor(float(local), device=self.device)
+        """Targets of this step over all ranks and micro-batches, computed and reduced on device (no sync)."""
+        count = torch.stack([(b["targets"] != IGNORE).sum() for b in micro]).sum().float()
         if self.world > 1:
             dist.all_reduce(count)
         return count.clamp(min=1.0)
 
     def train_step(self) -> None:
-        micro = [next(self.data) for _ in range(self.plan.grad_accum)]
-        scale = (self.world * self.plan.grad_accum) / self._global_count(micro)
+        micro = [self._to_device(next(self.data)) for _ in range(self.plan.grad_accum)]
+        scale = (self.world * self.plan.grad_accum) / self._global_count(micro)  # device scalar
         for batch in micro:
-            ids = batch["input_ids"].to(self.device, non_blocking=True)
-            tgt = batch["targets"].to(self.device, non_blocking=True)
+            ids, tgt = batch["input_ids"], batch["targets"]
             out = self.engine(ids, tgt)
             self.engine.backward(out.loss_sum * scale)
             self.engine.step()
