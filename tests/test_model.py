@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from t2i_ds.model import build_model, count_parameters, model_preset
-from t2i_ds.model.head import split_by_modality
 from t2i_ds.model.layers import RotaryEmbedding
 from t2i_ds.vocab import IGNORE, Vocab, tiny_vocab
 
@@ -131,18 +130,6 @@ def test_modality_sums_add_up_and_pad_contributes_nothing():
     torch.testing.assert_close(out2.loss_sum, out.loss_sum, rtol=1e-6, atol=1e-6)
     ids2[:, 5] = 9  # ... while changing a real input does
     assert not torch.allclose(m(ids2, tgt).loss_sum, out.loss_sum)
-
-
-def test_split_by_modality_matches_masked_reference():
-    torch.manual_seed(0)
-    loss = torch.rand(50)
-    tgt = torch.randint(-1, 370, (50,))
-    tgt[tgt < 0] = IGNORE
-    sums, counts = split_by_modality(loss, tgt, (300, 364))
-    for i, (lo, hi) in enumerate([(0, 300), (300, 364), (364, 10**9)]):
-        mask = (tgt >= lo) & (tgt < hi)
-        torch.testing.assert_close(sums[i], loss[mask].sum())
-        assert counts[i] == mask.sum()
 
 
 def test_same_logits_with_every_attention_backend():

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from t2i_kernels.chunked_ce import linear_cross_entropy, modality_sums
+
 from t2i_ds.vocab import IGNORE
 
 
@@ -41,37 +43,6 @@ class LossOutput(NamedTuple):
         return self.modality_counts.sum()
 
 
-def modality_index(targets: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:
-    """Bucket of each target id: 0 below bounds[0], 1 below bounds[1], ...; -1 where ignored.
-
-    Comparisons against Python ints: a `torch.tensor(bounds, device=...)` here would be a blocking
-    host-to-device copy in every forward.
-    """
-    idx = torch.zeros_like(targets)
-    for b in bounds:
-        idx += targets >= b
-    return torch.where(targets < 0, -1, idx)
-
-
-def split_by_modality(
-    loss: torch.Tensor, targets: torch.Tensor, bounds: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token losses (N,) -> (sums (M,), counts (M,)) in fp32, with torch ops only (no sync)."""
-    idx = modality_index(targets, bounds)  # (N,), -1 where ignored
-    masks = torch.stack([idx == m for m in range(len(bounds) + 1)]).to(torch.float32)  # (M, N)
-    return masks @ loss.detach().float(), masks.sum(1)
-
-
-def per_token_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, impl: str) -> torch.Tensor:
-    """(N, dim) x (V, dim) -> (N,) fp32 per-token loss, 0 where targets == IGNORE."""
-    if impl == "torch":
-        logits = F.linear(h, weight).float()  # (N, V): the full logits, reference path
-        return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
-    from t2i_kernels.chunked_ce import linear_cross_entropy
-
-    return linear_cross_entropy(h, weight, targets, ignore_index=IGNORE, impl=impl)
-
-
 class LMHead(nn.Module):
     """Output projection + loss. Parameter name `weight` so the key is open_lm's `output.weight`."""
 
@@ -85,6 +56,7 @@ class LMHead(nn.Module):
         # h: (B, S, dim); targets: (B, S) or None
         if targets is None:
             return F.linear(h, self.weight).float()  # (B, S, V) logits, fp32 as open_lm returns them
-        loss = per_token_cross_entropy(h.flatten(0, 1), self.weight, targets.flatten(), self.loss_impl)  # (B*S,)
-        sums, counts = split_by_modality(loss, targets.flatten(), self.modality_bounds)
-        return LossOutput(loss.sum(), sums, counts)
+        flat = targets.flatten()  # (B*S,)
+        loss = linear_cross_entropy(h.flatten(0, 1), self.weight, flat, ignore_index=IGNORE, impl=self.loss_impl)
+        sums, counts = modality_sums(loss.detach(), flat, self.modality_bounds, ignore_index=IGNORE)  # (M,), (M,)
+        return LossOutput(loss.sum(), sums, counts.float())
