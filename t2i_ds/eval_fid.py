@@ -27,8 +27,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +36,9 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 from PIL import Image
+
+from t2i_ds.atomic import atomic_open
+from t2i_ds.provenance import git_revision
 
 INCEPTION_SIZE = 299  # Inception-v3 input side; clean-fid resizes to it outside the network
 IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}  # clean-fid's, minus .npy
@@ -160,16 +161,8 @@ class GaussianStats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an .npz (mu, sigma, n, meta as JSON) through a temporary file and an atomic rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:  # a file object: np.savez must not append ".npz" to the name
-                np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), meta=np.array(json.dumps(self.meta)))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb") as f:  # a file object: np.savez must not append ".npz" to the name
+            np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), meta=np.array(json.dumps(self.meta)))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GaussianStats":
@@ -430,16 +423,6 @@ def generated_stats(run, captions: Sequence[str], extractor: FeatureExtractor, *
 # ----------------------------------------------------------------------------------------------
 
 
-def git_commit() -> str | None:
-    """HEAD of the repository holding this file, '+dirty' when tracked files differ; None outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
 def append_report(report: dict, out_dir) -> Path:
     """Append one JSON line to out_dir/fid.jsonl."""
     path = Path(out_dir) / "fid.jsonl"
@@ -468,7 +451,7 @@ def evaluate_fid(run, captions_path, reference, extractor: FeatureExtractor, out
         "captions": str(Path(captions_path).resolve()),
         "cfg_scale": cfg_scale, "top_k": top_k, "temperature": temperature, "seed": seed, "batch_size": batch_size,
         "images": str((Path(out_dir) / "images").resolve()) if save_images else None,
-        "commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_revision(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - t, 1),
     }
     if not math.isfinite(report["fid"]):

@@ -72,14 +72,19 @@ def test_write_shard_records_skips_and_is_deterministic(tmp_path):
 def test_failed_writer_leaves_no_partial_tar(tmp_path, monkeypatch):
     import t2i_ds.data.shards as shards
 
-    def boom(path, data):
-        raise KeyboardInterrupt  # killed while writing the tar bytes
+    from t2i_ds.atomic import atomic_open
+
+    def half_then_killed(path, data):
+        with atomic_open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+            raise KeyboardInterrupt  # killed while writing the bytes
 
     write_samples(tmp_path, n=3, per_shard=3)
-    monkeypatch.setattr(shards, "_atomic_write_bytes", boom)
+    monkeypatch.setattr(shards, "atomic_write_bytes", half_then_killed)
     with pytest.raises(KeyboardInterrupt):
         write_samples(tmp_path / "b", n=3, per_shard=3)
     assert list((tmp_path / "b").glob("*.tar")) == []
+    assert list((tmp_path / "b").glob(".*")) == []  # the partial temporary is removed too
     assert len(list_shards(tmp_path)) == 1
 
 

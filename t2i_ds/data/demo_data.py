@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
+from t2i_ds.atomic import atomic_write_text
 from t2i_ds.data import shapes
 from t2i_ds.data.demo_tokenizer import PatchKMeansTokenizer, to_tensor
 from t2i_ds.data.shards import TokenShardWriter
@@ -85,6 +86,13 @@ def load_demo_vocab(path: str | os.PathLike) -> Vocab:
     return Vocab(**json.loads(p.read_text()))
 
 
+def train_overrides(data_dir: str | os.PathLike) -> list[str]:
+    """`--set` overrides pointing the `demo` run preset at a generated data set: its Vocab sizes and shards."""
+    data = Path(data_dir)
+    vocab = json.loads((data / VOCAB_FILE).read_text())
+    return [f"vocab.{k}={v}" for k, v in vocab.items()] + [f"data.path={data / 'train'}"]
+
+
 def encode_images(image_tok: PatchKMeansTokenizer, images: np.ndarray, batch: int = 1024) -> np.ndarray:
     """(N, S, S, 3) uint8 -> (N, T) int64 codes, in batches to bound memory."""
     parts = [image_tok.encode(to_tensor(images[i : i + batch])) for i in range(0, len(images), batch)]
@@ -105,9 +113,7 @@ def _write_val_captions(path: Path, samples: Sequence[shapes.ShapeSample], ids: 
         json.dumps({"key": f"val_{i:07d}", "caption": s.caption, "caption_ids": c, "attributes": s.attributes.to_dict()})
         for i, (s, c) in enumerate(zip(samples, ids))
     ]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def read_val_captions(path: str | os.PathLike) -> tuple[list[list[int]], list[shapes.ShapeAttributes]]:

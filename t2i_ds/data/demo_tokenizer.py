@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from t2i_ds.atomic import atomic_path, atomic_write_text
+
 CONFIG = "config.json"
 CODEBOOK = "codebook.safetensors"
 
@@ -131,10 +133,9 @@ class PatchKMeansTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"kind": "patch_kmeans", "patch": self.patch, "image_size": self.image_size, "codebook_size": self.codebook_size}
-        save_file({"codebook": self.codebook}, str(directory / (CODEBOOK + ".tmp")))
-        os.replace(directory / (CODEBOOK + ".tmp"), directory / CODEBOOK)
-        (directory / (CONFIG + ".tmp")).write_text(json.dumps(config, indent=2))
-        os.replace(directory / (CONFIG + ".tmp"), directory / CONFIG)
+        with atomic_path(directory / CODEBOOK) as tmp:
+            save_file({"codebook": self.codebook}, str(tmp))
+        atomic_write_text(directory / CONFIG, json.dumps(config, indent=2))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "PatchKMeansTokenizer":

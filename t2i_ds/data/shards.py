@@ -32,6 +32,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from t2i_ds.atomic import atomic_write_bytes
+
 FORMAT = "t2i_ds.tokens.v1"
 MANIFEST = "manifest.json"
 MEMBERS = ("codes.npy", "ids.npy", "txt", "json")  # member suffixes of one sample, in tar order
@@ -124,17 +126,8 @@ def _expand_one(spec: str) -> list[str]:
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the whole new one
-
-
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -193,7 +186,7 @@ def write_shard(
             stats.add(s)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_json(stats_path(path), stats.to_json())
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return stats
 
 

@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from t2i_ds.atomic import atomic_open, atomic_path
 from t2i_ds.model.layers import trunc_normal_
 
 PREFIXES = ("module.", "_orig_mod.")
@@ -135,14 +136,8 @@ def extend_vocab(
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """torch.save to a temporary name, fsync, then rename: a crash never leaves a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_open_lm(model_or_sd: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -155,8 +150,7 @@ def save_open_lm(model_or_sd: nn.Module | Mapping[str, torch.Tensor], path: str 
 
         if "output.weight" in sd and "tok_embeddings.weight" in sd and sd["output.weight"].data_ptr() == sd["tok_embeddings.weight"].data_ptr():
             sd["tok_embeddings.weight"] = sd["tok_embeddings.weight"].clone()  # safetensors refuses shared storage
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(sd, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(sd, str(tmp))
     else:
         atomic_save({"state_dict": sd}, path)

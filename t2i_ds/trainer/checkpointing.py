@@ -13,7 +13,6 @@ Only the newest `keep_last` complete checkpoints are kept.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from t2i_ds.atomic import atomic_write_text
 from t2i_ds.model.checkpoint import atomic_save
 
 MARKER = "COMPLETE"
@@ -68,10 +68,8 @@ def save(engine, root: str | Path, step: int, client_state: dict, rank_state: di
     atomic_save({**rank_state, "rng": rng_state()}, root / tag / f"rank_{rank:05d}.pt")
     _barrier()  # every rank's files are on disk before the marker
     if rank == 0:
-        marker = root / tag / MARKER
-        tmp = marker.with_name(f".{MARKER}.tmp")
-        tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": dist.get_world_size() if dist.is_initialized() else 1}))
-        os.replace(tmp, marker)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        atomic_write_text(root / tag / MARKER, json.dumps({"step": step, "time": time.time(), "world_size": world}))
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
