@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,24 +34,6 @@ import triton  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "attention.jsonl"
 
-
-def _ensure_kernels_importable() -> None:
-    """`kernels/` is installed as `t2i_kernels`; from a bare checkout (PYTHONPATH=repo) map it by hand."""
-    try:
-        import t2i_kernels  # noqa: F401
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "t2i_kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["t2i_kernels"] = module
-        spec.loader.exec_module(module)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-
-
-_ensure_kernels_importable()
-
 import torch.nn.functional as F  # noqa: E402
 
 from t2i_ds.model.attention import attention, available_backends  # noqa: E402
@@ -65,21 +45,17 @@ from t2i_kernels.swiglu import swiglu  # noqa: E402
 # --------------------------------------------------------------------------------------------------------------
 # Environment stamp and timing
 # --------------------------------------------------------------------------------------------------------------
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 def environment(device: torch.device) -> dict:
+    from t2i_ds.provenance import git_revision
+
+    commit = git_revision()
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "git_commit": _git("rev-parse", "HEAD") or "unknown",
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": commit,
+        "git_dirty": commit.endswith("-dirty"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
     }
@@ -309,7 +285,7 @@ def main(argv=None) -> list[dict]:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}, cuda {env['cuda']}, "
-          f"commit {env['git_commit'][:10]}{'+dirty' if env['git_dirty'] else ''}, {env['date_utc']}")
+          f"commit {env['git_commit'][:10]}{'-dirty' if env['git_dirty'] else ''}, {env['date_utc']}")
     print(markdown(rows))
     print(f"\n{len(rows)} rows appended to {args.out}")
     return rows

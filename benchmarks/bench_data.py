@@ -15,7 +15,6 @@ import datetime
 import io
 import json
 import platform
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -44,7 +43,9 @@ def environment() -> dict:
     import diffusers
     import webdataset
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from t2i_ds.provenance import git_revision
+
+    commit = git_revision()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {"device": device, "torch": torch.__version__, "diffusers": diffusers.__version__, "webdataset": webdataset.__version__,
             "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

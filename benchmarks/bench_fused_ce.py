@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -188,11 +187,9 @@ def check_against_eager(loss_fn, h, w, targets):
 
 
 def environment(cuda: bool) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - no git, not a checkout
-        commit = "unknown"
+    from t2i_ds.provenance import git_revision
+
+    commit = git_revision()
     try:
         import triton
 

@@ -36,13 +36,6 @@ A100_PEAK = 312e12
 PAPER_TOKENS = 100e9
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def device_info() -> dict:
     import torch
 
@@ -133,6 +126,7 @@ def main() -> None:
         metrics = run_trainer(args, Path(tmp) / "run")
         cfg = json.loads((Path(tmp) / "run" / "config.json").read_text())
     from t2i_ds.config import from_dict
+    from t2i_ds.provenance import git_revision
     from t2i_ds.trainer.flops import flops_per_token
     from t2i_ds.trainer.parallelize import model_args
 
@@ -140,7 +134,7 @@ def main() -> None:
     fpt = flops_per_token(model_args(c, c.vocab.build()), c.vocab.seq_len)
     summary = summarise(metrics, args.skip_windows)
     row = {
-        "bench": "train", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
+        "bench": "train", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_revision(),
         **device_info(), "model": args.preset, "ds_config": Path(args.ds_config).name, "micro_batch": args.micro_batch,
         "tokens_per_step": args.tokens_per_step, "steps": args.steps, "gpus": args.gpus, "loss_impl": args.loss_impl,
         "attn_backend": args.attn_backend, "grad_checkpointing": args.grad_checkpointing, "flops_per_token": fpt,

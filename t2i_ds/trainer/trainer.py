@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from t2i_ds.config import Config
+from t2i_ds.provenance import git_revision
 from t2i_ds.trainer import checkpointing
 from t2i_ds.trainer.batching import BatchPlan, resolve_batch, resolve_ds_config
 from t2i_ds.trainer.flops import flops_per_token, peak_flops
@@ -45,16 +44,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def git_revision() -> str:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def total_steps(cfg: Config, plan: BatchPlan) -> int:
