@@ -56,11 +56,10 @@ def make_data(out: Path, args) -> Path:
 
 
 def train_command(out: Path, data: Path, args) -> tuple[list[str], dict]:
-    vocab = json.loads((data / demo_data.VOCAB_FILE).read_text())
     captions = [json.loads(line)["caption"] for line in (data / "val.jsonl").read_text().splitlines()[:8]]
-    sets = [f"vocab.{k}={v}" for k, v in vocab.items()] + [
+    sets = demo_data.train_overrides(data) + [
         f"train.sample_every={max(1, args.steps // 4)}", f"train.sample_captions={json.dumps(captions)}",
-        f"data.path={data / 'train'}", f"train.run_dir={out / 'train'}", f"train.steps={args.steps}",
+        f"train.run_dir={out / 'train'}", f"train.steps={args.steps}",
         f"train.image_tokenizer=demo:{data / 'image_tokenizer'}", f"train.text_tokenizer={data / 'tokenizer.json'}",
         f"train.seed={args.seed}", "train.resume=auto" if args.resume else "train.resume=never",
     ]

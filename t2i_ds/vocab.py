@@ -60,11 +60,6 @@ class SequenceStats:
     truncated_captions: int = 0
     empty_captions: int = 0
 
-    def merge(self, other: "SequenceStats") -> None:
-        self.samples += other.samples
-        self.truncated_captions += other.truncated_captions
-        self.empty_captions += other.empty_captions
-
 
 @dataclass(frozen=True)
 class Vocab:
@@ -159,10 +154,6 @@ class Vocab:
             )
         return codes + self.image_offset
 
-    def codes_from_ids(self, ids: torch.Tensor | np.ndarray):
-        """Vocabulary ids of image tokens -> codes (inverse of `image_ids`)."""
-        return ids - self.image_offset
-
     def modality(self, ids: torch.Tensor) -> torch.Tensor:
         """Modality of each target id (IGNORE -> Modality.IGNORED), same shape, int64."""
         out = torch.full_like(ids, int(Modality.SPECIAL), dtype=torch.int64)
@@ -175,10 +166,6 @@ class Vocab:
         """Generation prompt `<doc> <text> caption </text> <image>`; `[]` is the CFG-unconditional one."""
         caption = self._check_caption(caption_ids)[: self.max_caption_tokens]
         return [self.doc, self.text, *caption, self.text_end, self.image]
-
-    def unconditional_prompt(self) -> list[int]:
-        """Prompt of the image-only format (paper section 3.1): `<doc> <image>`."""
-        return [self.doc, self.image]
 
     def text_to_image(self, caption_ids: Sequence[int], codes: Sequence[int]) -> Sample:
         """`<doc> <text> caption </text> <image> codes </image> </doc>`, caption truncated to fit."""

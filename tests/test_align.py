@@ -1,7 +1,6 @@
 """Contrastive image-text token alignment (paper section 3.2): planted pairs are recovered, rows reload."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -158,15 +158,14 @@ def test_fused_triton_loss_under_zero3_matches_reference(golden_runs, tmp_path):
 def test_text_mixing_run_logs_loader_counters(tmp_path):
     """data.text_mix_ratio mixes text-only samples into training (forgetting mitigation); the loader's
     counters reach the metrics, so the mix is visible next to the probes."""
-    from t2i_ds.data.demo_data import make_demo_dataset
+    from t2i_ds.data.demo_data import make_demo_dataset, train_overrides
 
     data = tmp_path / "data"
     make_demo_dataset(data, n_train=200, n_val=4, seed=0)
     text = tmp_path / "text.txt"
     text.write_text("\n".join(["a red circle and a blue square", "there is a green cross at the top"] * 20))
-    vocab = json.loads((data / "demo_vocab.json").read_text())
-    sets = [f"vocab.{k}={v}" for k, v in vocab.items()] + [
-        f"data.path={data / 'train'}", "data.text_mix_ratio=0.5", f"data.text_path={text}",
+    sets = train_overrides(data) + [
+        "data.text_mix_ratio=0.5", f"data.text_path={text}",
         f"data.text_tokenizer={data / 'tokenizer.json'}", "train.steps=3", "train.log_every=3", f"train.run_dir={tmp_path / 'run'}"]
     train(["--ds_config", DS_ZERO2, "--preset", "demo", *sum((["--set", s] for s in sets), [])])
     last = metrics(tmp_path / "run")[-1]

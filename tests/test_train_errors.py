@@ -1,6 +1,5 @@
 """Bad input to the train command: one clear line, exit status 2, no traceback."""
 
-import pytest
 
 from tests.trainer_utils import DS_ZERO2, train
 

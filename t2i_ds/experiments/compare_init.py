@@ -49,9 +49,8 @@ def ensure_data(args, out: Path) -> Path:
 
 
 def run_train(run_dir: Path, data: Path, steps: int, extra: list[str], args) -> None:
-    vocab = json.loads((data / demo_data.VOCAB_FILE).read_text())
-    sets = [f"vocab.{k}={v}" for k, v in vocab.items()] + [
-        f"data.path={data / 'train'}", f"train.run_dir={run_dir}", f"train.steps={steps}",
+    sets = demo_data.train_overrides(data) + [
+        f"train.run_dir={run_dir}", f"train.steps={steps}",
         f"train.log_every={args.log_every}", f"train.seed={args.seed}", "train.resume=never", "train.ckpt_every=0", *extra,
     ]
     cmd = [sys.executable, "-m", "t2i_ds.train", "--ds_config", args.ds_config, "--preset", "demo"]

@@ -116,9 +116,9 @@ def padded_positions(key_padding_mask: torch.Tensor) -> torch.Tensor:
     return (key_padding_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+def count_parameters(model: nn.Module) -> int:
     """Unique parameters (a tied weight counts once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    return sum(p.numel() for p in model.parameters())
 
 
 def build_model(args: ModelArgs, modality_bounds: tuple[int, ...] = (), device: str | torch.device = "cpu") -> Transformer:
