@@ -66,7 +66,8 @@ def parse_args(argv=None):
 
 def build_impls(names, boundaries):
     """{name: loss_fn} for the requested implementations that are available here, and {name: reason} skipped."""
-    from t2i_kernels.chunked_ce import chunked_linear_cross_entropy, linear_cross_entropy_torch, triton_available
+    from t2i_kernels.chunked_ce import chunked_linear_cross_entropy, linear_cross_entropy_torch
+    from t2i_kernels.cross_entropy import triton_available
 
     impls, skipped = {}, {}
     for name in names:
@@ -147,7 +148,7 @@ def _timer(cuda: bool, warmup_ms: int, rep_ms: int):
 
 
 def measure(loss_fn, h, w, targets, boundaries, bench, cuda):
-    from t2i_kernels.chunked_ce import modality_sums
+    from t2i_kernels.cross_entropy import modality_sums
 
     def objective():
         loss = loss_fn(h, w, targets)                                     # [N] fp32

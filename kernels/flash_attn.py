@@ -57,11 +57,12 @@ for sm80/sm90 and have not yet been tuned on this project's GPU (see benchmarks/
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from t2i_kernels._common import dot_precision, require_device
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E); the kernels spell it (and ln 2) as literals
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -416,11 +417,6 @@ def _config(head_dim: int, device: torch.device, block_m: int | None, block_n: i
     return cfg
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products ("ieee"), not TF32; 16-bit inputs ignore this setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -450,18 +446,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if causal and Sq > k.shape[1]:
         raise ValueError(f"flash_attention: causal attention needs Sq <= Sk (queries are the last Sq positions), "
                          f"got Sq={Sq}, Sk={k.shape[1]}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise RuntimeError("flash_attention: Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before "
-                           "triton is imported to run them on the CPU")
-
-
-@torch.compiler.assume_constant_result  # torch.compile reads it once at trace time (dynamo cannot trace knobs)
-def _interpreting() -> bool:
-    try:
-        from triton import knobs  # triton >= 3.4
-    except ImportError:
-        return os.environ.get("TRITON_INTERPRET") == "1"
-    return bool(knobs.runtime.interpret)
+    require_device(q, "flash_attention")
 
 
 def _flash_attn_forward(q, k, v, causal: bool, sm_scale: float, block_m=None, block_n=None):
@@ -476,7 +461,7 @@ def _flash_attn_forward(q, k, v, causal: bool, sm_scale: float, block_m=None, bl
         q, k, v, o, lse, sm_scale * LOG2E,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
         H, Sq, Sk,
-        CAUSAL=causal, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=_dot_precision(q.dtype),
+        CAUSAL=causal, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     return o, lse
@@ -491,7 +476,7 @@ def _flash_attn_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float, blo
     dq = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Sk, H, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Sk, H, D), dtype=v.dtype, device=v.device)
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
 
     # 1. Delta = rowsum(dO * O).
     bm, _, warps, stages = cfg["pre"]

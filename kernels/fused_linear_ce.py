@@ -63,18 +63,13 @@ module is imported (``triton.jit`` picks the interpreter at decoration time).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
-# Whether the kernels run in the interpreter (on CPU tensors). triton.jit picks the interpreter at decoration time,
-# for our kernels (this import) and for triton.language's own jit helpers such as tl.sum (the first triton import);
-# TRITON_INTERPRET=1 set after triton was imported leaves those compiled-only, and the interpreter cannot run them.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1" and not isinstance(tl.sum, JITFunction)
+from t2i_kernels._common import dot_precision, interpreting, require_device
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,14 +282,9 @@ _INTERPRET_CONFIG = LCEConfig(block_n=16, block_v=32, block_h=16, v_per_split=12
 
 
 def _config_for(dtype: torch.dtype) -> LCEConfig:
-    if INTERPRETED:
+    if interpreting():
         return _INTERPRET_CONFIG
     return _CUDA_CONFIG_FP32 if dtype == torch.float32 else _CUDA_CONFIG_16BIT
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: full-precision dots (torch's default has TF32 matmuls off); 16-bit inputs ignore this.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _check_inputs(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> None:
@@ -309,9 +299,7 @@ def _check_inputs(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> No
         raise TypeError(f"targets must be int32/int64, got {targets.dtype}")
     if not (h.device == w.device == targets.device):
         raise ValueError(f"h, w, targets on different devices: {h.device}, {w.device}, {targets.device}")
-    if h.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError("Triton fused linear-CE got CPU tensors but the Triton interpreter is off: set "
-                           "TRITON_INTERPRET=1 before triton is first imported, or use impl='chunked'")
+    require_device(h, "fused linear-CE (use impl='chunked' on CPU)")
 
 
 def _lce_forward(h, w, targets, ignore_index: int, cfg: LCEConfig):
@@ -327,7 +315,7 @@ def _lce_forward(h, w, targets, ignore_index: int, cfg: LCEConfig):
         h, w, targets, m_part, s_part, z_tgt,
         N, V, H, h.stride(0), h.stride(1), w.stride(0), w.stride(1), ignore_index,
         V_PER_SPLIT=cfg.v_per_split, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-        DOT_PRECISION=_dot_precision(h.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=dot_precision(h.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     # Split merge: [S, N] -> [N], fixed order (a few tiny ops; every split has a finite max).
     m_max = m_part.amax(dim=0)                                                    # [N]
@@ -337,7 +325,7 @@ def _lce_forward(h, w, targets, ignore_index: int, cfg: LCEConfig):
     return loss, lse
 
 
-def _launch_matmul(a, b, out, acc, cfg: LCEConfig, dot_precision: str) -> None:
+def _launch_matmul(a, b, out, acc, cfg: LCEConfig, precision: str) -> None:
     """out [M, N] = a [M, K] @ b [K, N] (+ acc, fp32); any strides."""
     M, K = a.shape
     N = b.shape[1]
@@ -349,7 +337,7 @@ def _launch_matmul(a, b, out, acc, cfg: LCEConfig, dot_precision: str) -> None:
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         acc.stride(0), acc.stride(1),
         ACCUMULATE=accumulate, BLOCK_M=cfg.gemm_m, BLOCK_N=cfg.gemm_n, BLOCK_K=cfg.gemm_k, GROUP_M=cfg.group,
-        DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -365,7 +353,7 @@ def _lce_backward(h, w, targets, lse, dloss, ignore_index: int, vocab_chunk: int
     """Returns (dh or None, dw or None)."""
     N, H = h.shape
     V = w.shape[0]
-    prec = _dot_precision(h.dtype)
+    prec = dot_precision(h.dtype)
     g = dloss.float().contiguous()                                                # [N] (may arrive stride-0)
     Cv = min(vocab_chunk or _vocab_chunk(N, V, cfg), V)
     n_chunks = triton.cdiv(V, Cv)

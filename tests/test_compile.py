@@ -29,12 +29,13 @@ import torch._dynamo.testing  # noqa: E402
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 
 from t2i_kernels import fused_linear_ce as flce  # noqa: E402
-from t2i_kernels.chunked_ce import linear_cross_entropy  # noqa: E402
+from t2i_kernels._common import interpreting  # noqa: E402
+from t2i_kernels.cross_entropy import linear_cross_entropy  # noqa: E402
 from t2i_kernels.flash_attn import flash_attention  # noqa: E402
 
 # Without CUDA the kernels need the interpreter; if triton was imported before it was switched on, these tests run
 # in a fresh subprocess instead (test_compile_in_interpreter_subprocess), never silently dropped.
-_KERNELS_IN_PROCESS = _HAS_CUDA or flce.INTERPRETED
+_KERNELS_IN_PROCESS = _HAS_CUDA or interpreting()
 in_process = pytest.mark.skipif(not _KERNELS_IN_PROCESS,
                                 reason="triton imported without TRITON_INTERPRET; run by the subprocess test")
 

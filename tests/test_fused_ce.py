@@ -23,19 +23,16 @@ _HAS_CUDA = torch.cuda.is_available()
 if not _HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from t2i_kernels import chunked_ce  # noqa: E402
+from t2i_kernels import cross_entropy  # noqa: E402
 from t2i_kernels import fused_linear_ce as flce  # noqa: E402
-from t2i_kernels.chunked_ce import (  # noqa: E402
-    chunked_linear_cross_entropy,
-    linear_cross_entropy,
-    linear_cross_entropy_torch,
-    modality_sums,
-)
+from t2i_kernels._common import interpreting  # noqa: E402
+from t2i_kernels.chunked_ce import chunked_linear_cross_entropy, linear_cross_entropy_torch  # noqa: E402
+from t2i_kernels.cross_entropy import linear_cross_entropy, modality_sums  # noqa: E402
 
 # Without CUDA the kernels need the interpreter; if another test module imported triton before the variable was
 # set, they cannot run in this process: the kernel tests then run in a fresh interpreter subprocess instead
 # (test_kernels_in_interpreter_subprocess) and are skipped here, never silently dropped.
-_KERNELS_IN_PROCESS = _HAS_CUDA or flce.INTERPRETED
+_KERNELS_IN_PROCESS = _HAS_CUDA or interpreting()
 in_process = pytest.mark.skipif(not _KERNELS_IN_PROCESS,
                                 reason="triton imported without TRITON_INTERPRET; run by the subprocess test")
 
@@ -290,7 +287,7 @@ def test_dispatcher_errors(monkeypatch):
     h, w, targets, _ = make_problem(8, 16, V_SMALL, torch.float32)
     with pytest.raises(ValueError):
         linear_cross_entropy(h, w, targets, impl="cuda")
-    monkeypatch.setattr(chunked_ce, "_TRITON_OK", False)                 # as on a machine without triton
+    monkeypatch.setattr(cross_entropy, "_TRITON_OK", False)                 # as on a machine without triton
     with pytest.raises(RuntimeError, match="triton"):
         linear_cross_entropy(h, w, targets, impl="triton")
     auto = linear_cross_entropy(h, w, targets, IGNORE, impl="auto")     # falls back to chunked

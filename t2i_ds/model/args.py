@@ -12,9 +12,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
+from t2i_kernels.cross_entropy import IMPLS as LOSS_IMPLS  # one list: the dispatcher's
+
 NORM_TYPES = ("layer_norm", "gain_only_layer_norm", "rms_norm")
 POS_EMBED_TYPES = ("rotary", "head_rotary", "none")
-LOSS_IMPLS = ("auto", "torch", "chunked", "triton")
 
 
 @dataclass

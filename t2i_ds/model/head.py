@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from t2i_kernels.chunked_ce import linear_cross_entropy, modality_sums
+from t2i_kernels.cross_entropy import linear_cross_entropy, modality_sums
 
 from t2i_ds.vocab import IGNORE
 
