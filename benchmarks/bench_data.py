@@ -33,7 +33,7 @@ from t2i_ds.data.loader import TokenLoader  # noqa: E402
 from t2i_ds.data.movqgan import MOVQGAN_CONFIGS, MoVQGANTokenizer  # noqa: E402
 from t2i_ds.data.prepare import Preparer, list_inputs  # noqa: E402
 from t2i_ds.data.shards import ShardSample, write_shard  # noqa: E402
-from t2i_ds.data.text_tokenizer import TextTokenizer  # noqa: E402
+from t2i_ds.data.tokenizers import TextTokenizer  # noqa: E402
 from t2i_ds.vocab import Vocab  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "data.jsonl"

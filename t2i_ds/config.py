@@ -73,7 +73,7 @@ class InitConfig:
     """open_lm checkpoint (.pt with "state_dict", bare state dict, or .safetensors) for 'pretrained'."""
     new_rows: str = "random"
     """Init of the extended rows: 'random' (open_lm's embedding init), 'mean' (mean of the old rows),
-    or 'aligned' (image rows from `python -m t2i_ds.align`)."""
+    or 'aligned' (image rows from `python -m t2i_ds.paper.align`)."""
     aligned_rows: str = ""
     """aligned_rows.safetensors written by the alignment command, for new_rows='aligned'."""
     seed: int = 0
@@ -176,7 +176,7 @@ class TrainConfig:
             raise ConfigError("train.sample_every needs train.image_tokenizer and train.sample_captions")
         if self.data_source not in ("shards", "synthetic"):
             raise ConfigError(f"train.data_source={self.data_source!r} must be 'shards' or 'synthetic'")
-        from t2i_ds.experiments.freeze import FREEZE_PRESETS
+        from t2i_ds.model.freeze import FREEZE_PRESETS
 
         if self.freeze not in FREEZE_PRESETS:
             raise ConfigError(f"train.freeze={self.freeze!r} is not one of {list(FREEZE_PRESETS)}")
@@ -196,9 +196,13 @@ class Config:
     data: DataConfig | None = None
     """Token shards to stream; required when train.data_source == 'shards'."""
 
-    def __post_init__(self) -> None:
+    def require_data(self, preset: str) -> None:
+        """Refuse a shards run without shards, with the line that says how to give them (checked by the train
+        command after the overrides, so a preset may leave data.path for the user to set)."""
         if self.train.data_source == "shards" and self.data is None:
-            raise ConfigError("data.path is not set: give token shards with --set data.path=DIR")
+            raise ConfigError(f"data.path is not set: preset {preset!r} streams token shards; make them with "
+                              "`python -m t2i_ds.prepare` (docs/data.md) and pass --set data.path=DIR "
+                              "(or --preset debug: synthetic data)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -209,7 +213,7 @@ class Config:
 
 def _paper(**train) -> Config:
     """The paper's recipe: open_lm-1b shape, 1M-token steps, 100B tokens, AdamW 3e-4, 2K warm-up."""
-    data = None if train.get("data_source") == "synthetic" else DataConfig(path="data/tokens")
+    data = None  # the user's token shards: --set data.path=DIR (the train command says so when missing)
     model = ModelConfig(preset="open_lm_1b", grad_checkpointing=True)
     return Config(model=model, train=TrainConfig(**train), data=data)
 

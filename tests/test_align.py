@@ -7,24 +7,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from t2i_ds.align import main as align_main
+from t2i_ds.paper.align import main as align_main
 from t2i_ds.data.shards import ShardSample, write_shard
-from t2i_ds.experiments.align import (
+from t2i_ds.paper.alignment import (
     MAX_LOGIT_SCALE,
-    ROWS_KEY,
     AlignConfig,
     BagOfWordsAligner,
-    load_aligned_rows,
     nearest_text_tokens,
     save_aligned_rows,
     train_alignment,
 )
-from t2i_ds.model.checkpoint import extend_vocab, save_open_lm
+from t2i_ds.model.checkpoint import ROWS_KEY, extend_vocab, load_aligned_rows, save_open_lm
 from t2i_ds.vocab import tiny_vocab
 
 VOCAB = tiny_vocab()  # 300 text ids, 64 image codes, 16 codes per image
 DIM = 32
-from t2i_ds.data.text_tokenizer import DEFAULT_TEXT_TOKENIZER as NEOX_BPE
+from t2i_ds.data.tokenizers import DEFAULT_TEXT_TOKENIZER as NEOX_BPE
 PLANT = 100  # image code c is planted as text token PLANT + c
 
 
@@ -110,7 +108,7 @@ def test_saved_rows_feed_extend_vocab(tmp_path, trained):
     again = load_aligned_rows(path, VOCAB, DIM, seed=3)
     assert all(torch.equal(rows[k], again[k]) for k in rows)  # seeded specials
     with pytest.raises(ValueError, match="expected"):
-        load_aligned_rows(path, tiny_vocab(image_size=32), DIM)
+        load_aligned_rows(path, tiny_vocab(image_size=32), DIM, seed=0)
 
 
 def test_command_end_to_end(tmp_path, capsys):

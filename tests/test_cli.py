@@ -10,8 +10,8 @@ from tests.trainer_utils import ROOT, env
 CASES = [
     (["t2i_ds.generate", "--checkpoint", "{tmp}/norun", "--captions", "x", "--out", "{tmp}/g.png"], "norun/config.json does not exist"),
     (["t2i_ds.prepare", "--input", "{tmp}/noinput", "--out", "{tmp}/p", "--image-tokenizer", "nokind:{tmp}"], "nokind"),
-    (["t2i_ds.align", "--shards", "{tmp}/noshards", "--checkpoint", "{tmp}/x.pt", "--out", "{tmp}/a"], "noshards"),
-    (["t2i_ds.figures", "--runs", "a={tmp}/norun", "--out", "{tmp}/f"], "no TensorBoard event files under"),
+    (["t2i_ds.paper.align", "--shards", "{tmp}/noshards", "--checkpoint", "{tmp}/x.pt", "--out", "{tmp}/a"], "noshards"),
+    (["t2i_ds.paper.figures", "--runs", "a={tmp}/norun", "--out", "{tmp}/f"], "no TensorBoard event files under"),
     (["t2i_ds.export", "--run-dir", "{tmp}/norun", "--out", "{tmp}/x.pt"], "not a t2i_ds run directory"),
 ]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from t2i_ds.experiments.compare_init import main as compare_main
+from t2i_ds.paper.compare_init import main as compare_main
 
 
 @pytest.mark.slow

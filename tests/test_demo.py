@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from t2i_ds.demo import main as demo_main
+from t2i_ds.demo.__main__ import main as demo_main
 
 
 @pytest.mark.slow

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_ds.data import shapes
-from t2i_ds.data.demo_data import build_text_tokenizer, load_demo_vocab, make_demo_dataset, read_val_captions
-from t2i_ds.data.demo_tokenizer import PatchKMeansTokenizer, patchify, to_tensor, to_uint8, unpatchify
-from t2i_ds.data.image_tokenizer import ImageTokenizer
+from t2i_ds.demo import shapes
+from t2i_ds.demo.data import build_text_tokenizer, load_demo_vocab, make_demo_dataset, read_val_captions
+from t2i_ds.data.images import to_uint8
+from t2i_ds.demo.tokenizer import PatchKMeansTokenizer, patchify, to_tensor, unpatchify
+from t2i_ds.data.tokenizers import ImageTokenizer
 from t2i_ds.data.shards import list_shards, read_manifest, read_shard
 
 CODEBOOK, PATCH = 256, 4

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from t2i_ds.export import load_model_for_inference, main as export_main
+from t2i_ds.export import main as export_main
+from t2i_ds.inference import load_model_for_inference
 from t2i_ds.model.checkpoint import read_state_dict
 from tests.trainer_utils import DS_ZERO3, train
 

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from t2i_ds import eval_fid
-from t2i_ds.eval_fid import (
+from t2i_ds.eval import fid as eval_fid
+from t2i_ds.eval.fid import (
     GaussianStats, RunningStats, TorchScriptExtractor, center_crop_square, clean_resize, frechet_distance,
     preprocess, reference_stats,
 )
@@ -311,7 +311,7 @@ class WordIds:
 
 @pytest.fixture(scope="module")
 def fake_run():
-    from t2i_ds.data.demo_tokenizer import PatchKMeansTokenizer
+    from t2i_ds.demo.tokenizer import PatchKMeansTokenizer
     from t2i_ds.model.args import model_preset
     from t2i_ds.model.transformer import build_model
     from t2i_ds.vocab import tiny_vocab
@@ -329,13 +329,15 @@ CAPTIONS = ["a red circle", "a blue square on grass", "two cats", "a red circle"
 
 
 def test_evaluate_fid_command_end_to_end(tmp_path, inception_path, fake_run, monkeypatch, capsys):
-    from t2i_ds.evaluate import main
+    from t2i_ds.eval.__main__ import main
 
     (tmp_path / "run").mkdir()
     captions = tmp_path / "captions.jsonl"
     captions.write_text("".join(json.dumps({"caption": c, "image_id": i}) + "\n" for i, c in enumerate(CAPTIONS)))
     write_images(tmp_path / "ref", 6, seed=12)
-    monkeypatch.setattr(eval_fid, "load_run", lambda run_dir, checkpoint, device: fake_run)
+    import t2i_ds.eval.__main__ as eval_command
+
+    monkeypatch.setattr(eval_command, "load_run", lambda run_dir, checkpoint, device: fake_run)
     common = ["fid", "--run", str(tmp_path / "run"), "--captions", str(captions), "--inception", str(inception_path),
               "--n", "6", "--cfg_scale", "2", "--top_k", "16", "--seed", "3", "--batch_size", "4", "--resize", "64",
               "--device", "cpu"]
@@ -383,13 +385,13 @@ def test_generation_is_seeded_and_chunked_by_length(fake_run, inception_path):
 def test_cli_missing_extractor_is_one_line_exit_2(tmp_path):
     captions = tmp_path / "c.txt"
     captions.write_text("a\nb\n")
-    cmd = [sys.executable, "-m", "t2i_ds.evaluate", "fid", "--run", str(tmp_path), "--captions", str(captions),
+    cmd = [sys.executable, "-m", "t2i_ds.eval", "fid", "--run", str(tmp_path), "--captions", str(captions),
            "--reference", str(tmp_path), "--inception", str(tmp_path / "inception-2015-12-05.pt"), "--out", str(tmp_path / "o")]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "T2I_DS_TRACEBACK": ""})
     print(r.stderr)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0
-    assert r.stderr.startswith("t2i_ds.evaluate: error: Inception extractor not found at") and "inception-2015-12-05.pt" in r.stderr
+    assert r.stderr.startswith("t2i_ds.eval: error: Inception extractor not found at") and "inception-2015-12-05.pt" in r.stderr
 
 
 def test_read_captions(tmp_path):

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from t2i_ds.experiments.figures import ema, load_run, x_values
-from t2i_ds.figures import main
+from t2i_ds.paper.curves import ema, load_curves, x_values
+from t2i_ds.paper.figures import main
 
 TOKENS_PER_STEP = 1_000_000
 T2I_TAGS = ("loss/total", "loss/text", "loss/image", "ppl/total", "ppl/text", "ppl/image")
@@ -84,7 +84,7 @@ def test_tokens_axis_and_resumed_steps(tmp_path):
     with SummaryWriter(str(tmp_path / "b")) as w:  # a resumed run logs step 20 again, later
         w.add_scalar("loss/image", 0.5, 20)
         w.add_scalar("loss/image", 0.4, 15)
-    run = load_run(tmp_path)
+    run = load_curves(tmp_path)
     np.testing.assert_array_equal(run["loss/image"].steps, [10, 15, 20])
     np.testing.assert_allclose(run["loss/image"].values, [1.0, 0.4, 0.5], rtol=1e-6)  # fp32 in events
     np.testing.assert_array_equal(x_values(run, run["loss/image"], "tokens"), [1000, 1500, 2000])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from t2i_ds.experiments.freeze import FREEZE_PRESETS, apply_freeze
+from t2i_ds.model.freeze import FREEZE_PRESETS, apply_freeze
 from t2i_ds.model import build_model, model_preset
 
 N_LAYERS = 4  # first half = layers 0 and 1

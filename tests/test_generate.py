@@ -7,7 +7,7 @@ import torch.nn as nn
 from PIL import Image
 
 from t2i_ds import generate as gen_mod
-from t2i_ds.generate import cfg_prompt, generate_images, left_pad, sample_from_logits, save_grid
+from t2i_ds.sampling import cfg_prompt, generate_images, left_pad, sample_from_logits, save_grid
 from t2i_ds.model.args import model_preset
 from t2i_ds.model.transformer import build_model
 from t2i_ds.vocab import tiny_vocab
@@ -177,8 +177,8 @@ def test_save_grid(tmp_path):
 def test_cli(model, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from t2i_ds.data.demo_tokenizer import PatchKMeansTokenizer
-    from t2i_ds import export
+    from t2i_ds.demo.tokenizer import PatchKMeansTokenizer
+    from t2i_ds import inference
 
     class WordIds:
         def encode_batch(self, texts):
@@ -186,7 +186,7 @@ def test_cli(model, tmp_path, monkeypatch):
 
     image_tok = PatchKMeansTokenizer(torch.rand(VOCAB.image_size, 3 * 4 * 4) * 2 - 1, patch=4, image_size=16)
     run = SimpleNamespace(model=model, vocab=VOCAB, text_tokenizer=WordIds(), image_tokenizer=image_tok)
-    monkeypatch.setattr(export, "load_run", lambda run_dir: run)
+    monkeypatch.setattr(inference, "load_run", lambda run_dir: run)
     (tmp_path / "captions.txt").write_text("a blue square\n\nthere is a red cross\n")
     out = tmp_path / "grid.png"
     gen_mod.main(["--checkpoint", "run", "--captions", "top-left: red circle", "--captions_file",

@@ -147,7 +147,7 @@ def test_resume_with_text_mixing_and_dropout(shards, tmp_path):
     text_rows = rows[(rows == vocab.image).sum(1) == 0]
     assert 0.15 < len(text_rows) / len(rows) < 0.45
     assert (text_rows[:, :2] == torch.tensor([vocab.doc, vocab.text])).all()
-    from t2i_ds.data.text_tokenizer import TextTokenizer
+    from t2i_ds.data.tokenizers import TextTokenizer
 
     docs = {tuple(TextTokenizer().encode(f"document number {i}")) for i in range(9)}
     for row in text_rows:  # <doc> <text> ids </text> </doc>

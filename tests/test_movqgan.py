@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from t2i_ds.data.image_tokenizer import ImageTokenizer
+from t2i_ds.data.tokenizers import ImageTokenizer
 from t2i_ds.data.movqgan import MOVQGAN_CONFIGS, MoVQGANTokenizer, convert_sber_movqgan
 
 IMAGE = 16  # tiny config: 4x downsampling -> a 4x4 grid

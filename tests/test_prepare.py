@@ -16,9 +16,10 @@ from t2i_ds.data.config import DataConfig
 from t2i_ds.data.images import SkipImage, center_crop_resize, load_and_prepare, to_rgb
 from t2i_ds.data.loader import TokenLoader
 from t2i_ds.data.movqgan import MOVQGAN_CONFIGS, MoVQGANTokenizer
-from t2i_ds.data.prepare import KILL_AFTER_ENV, main
+from t2i_ds.data.prepare import KILL_AFTER_ENV
+from t2i_ds.prepare import main
 from t2i_ds.data.shards import list_shards, read_manifest, read_shard
-from t2i_ds.data.text_tokenizer import TextTokenizer
+from t2i_ds.data.tokenizers import TextTokenizer
 from t2i_ds.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from t2i_ds.experiments.probes import (
+from t2i_ds.trainer.probes import (
     TextProbes,
     exact_match,
     greedy_complete,
@@ -99,7 +99,7 @@ def test_heldout_samples_are_text_only_format(probes):
 
 
 def _heldout_text():
-    from t2i_ds.experiments.probes import read_asset
+    from t2i_ds.trainer.probes import read_asset
 
     return read_asset("heldout_text.txt")
 

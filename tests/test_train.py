@@ -158,7 +158,7 @@ def test_fused_triton_loss_under_zero3_matches_reference(golden_runs, tmp_path):
 def test_text_mixing_run_logs_loader_counters(tmp_path):
     """data.text_mix_ratio mixes text-only samples into training (forgetting mitigation); the loader's
     counters reach the metrics, so the mix is visible next to the probes."""
-    from t2i_ds.data.demo_data import make_demo_dataset, train_overrides
+    from t2i_ds.demo.data import make_demo_dataset, train_overrides
 
     data = tmp_path / "data"
     make_demo_dataset(data, n_train=200, n_val=4, seed=0)

@@ -37,7 +37,7 @@ def test_pretrained_rows_are_copied_exactly(text_checkpoint, new_rows):
 
 
 def test_aligned_init_loads(text_checkpoint, tmp_path):
-    from t2i_ds.experiments.align import save_aligned_rows
+    from t2i_ds.paper.alignment import save_aligned_rows
 
     path, _ = text_checkpoint
     rows = torch.randn(64, 64)

@@ -43,7 +43,7 @@ class DataConfig:
 
     text_tokenizer: str = ""
     """Tokenizer (tokenizer.json or a directory) for `text_path`; must be the one the shards were made with.
-    Empty: the NeoX BPE default of `t2i_ds.data.text_tokenizer`."""
+    Empty: the NeoX BPE default of `t2i_ds.data.tokenizers`."""
 
     max_broken_fraction: float = 0.01
     """Broken records (corrupt member, bad dtype/shape/range/JSON) are skipped and counted; once more than

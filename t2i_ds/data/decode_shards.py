@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -40,14 +39,3 @@ def decode_shards(shards: str, image_tokenizer: str, out: str | Path, n: int = 1
         if len(written) >= n:
             break
     return written
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m t2i_ds.inspect_shards", description=__doc__.split("\n")[0])
-    p.add_argument("--shards", required=True, help="token shard directory, glob or brace pattern")
-    p.add_argument("--image-tokenizer", required=True, help="movqgan:DIR or demo:DIR (the one prepare used)")
-    p.add_argument("--out", required=True, help="directory for {key}.png and {key}.txt")
-    p.add_argument("--n", type=int, default=16, help="samples to decode")
-    args = p.parse_args(argv)
-    paths = decode_shards(args.shards, args.image_tokenizer, args.out, args.n)
-    print(f"decoded {len(paths)} samples to {args.out}")

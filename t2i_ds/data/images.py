@@ -75,6 +75,12 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(a, "RGB")
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) float in [-1, 1] (an image tokenizer's decode) -> (B, H, W, 3) uint8."""
+    x = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def load_and_prepare(data: bytes, size: int, small: str = "upscale") -> tuple[torch.Tensor, tuple[int, int], str]:
     """Encoded image -> ((3, size, size) tensor, original (width, height), original mode)."""
     img = decode_image(data)
@@ -96,7 +102,7 @@ def load_image_tokenizer(spec: str, **kwargs: Any):
 
         return MoVQGANTokenizer.load(path, **kwargs)
     if kind == "demo":
-        from t2i_ds.data.demo_tokenizer import PatchKMeansTokenizer  # lazy: optional module
+        from t2i_ds.demo.tokenizer import PatchKMeansTokenizer  # lazy: optional module
 
         return PatchKMeansTokenizer.load(path)
     raise ValueError(f"unknown image tokenizer kind {kind!r} in {spec!r} (known: movqgan, demo)")

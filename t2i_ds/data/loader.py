@@ -262,7 +262,7 @@ class _TextStream:
     """Documents of `text_path` with index % n_slots == slot, cycled; tokenized on demand."""
 
     def __init__(self, cfg: DataConfig, slot: int, n_slots: int, vocab: Vocab):
-        from t2i_ds.data.text_tokenizer import TextTokenizer
+        from t2i_ds.data.tokenizers import TextTokenizer
 
         self.path = cfg.text_path
         self.tokenizer = TextTokenizer(cfg.text_tokenizer or None)

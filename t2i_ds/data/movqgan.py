@@ -5,13 +5,11 @@ quantizer -> indices, flattened (b, row, col) = raster order. `VQModel.encode(x)
 pre-quantisation. Decoding: codebook rows (B, D, H/f, W/f) -> `VQModel.decode(z_q, force_not_quantize=True)`;
 MoVQ's spatial-norm decoder uses z_q itself as conditioning, so decode gets the codebook vectors, never
 re-quantised latents. Always fp32: near-tied codebook distances flip in bf16/fp16.
-
-    python -m t2i_ds.data.movqgan convert --ckpt movqgan_67M.ckpt --out movqgan-67m --size 67M
+The converter's command is t2i_ds.convert_movqgan.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 from typing import Mapping
@@ -205,22 +203,3 @@ def load_sber_movqgan(ckpt_path: str | Path, size: str):
             f"({len(result.missing_keys)}), unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)})"
         )
     return model
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m t2i_ds.data.movqgan")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    conv = sub.add_parser("convert", help="SBER movqgan_*.ckpt -> diffusers VQModel directory")
-    conv.add_argument("--ckpt", required=True, help="original SBER checkpoint, e.g. movqgan_67M.ckpt")
-    conv.add_argument("--out", required=True, help="output directory (VQModel.save_pretrained)")
-    conv.add_argument("--size", required=True, choices=sorted(MOVQGAN_CONFIGS))
-    args = parser.parse_args(argv)
-    model = load_sber_movqgan(args.ckpt, args.size)
-    model.save_pretrained(args.out)
-    print(f"wrote MoVQGAN-{args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) to {args.out}")
-
-
-if __name__ == "__main__":
-    from t2i_ds.cli import run
-
-    run("t2i_ds.data.movqgan", main)

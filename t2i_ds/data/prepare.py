@@ -31,19 +31,17 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from t2i_ds.data.images import SMALL_POLICIES, SkipImage, describe_image_tokenizer, load_and_prepare, load_image_tokenizer
+from t2i_ds.data.images import SkipImage, describe_image_tokenizer, load_and_prepare, load_image_tokenizer
 from t2i_ds.data.shards import (
     MANIFEST,
     ShardSample,
-    length_summary,
     list_shards,
     read_manifest,
     shard_name,
     write_manifest,
     write_shard,
 )
-from t2i_ds.data.text_tokenizer import TextTokenizer
-from t2i_ds.vocab import Vocab
+from t2i_ds.data.tokenizers import TextTokenizer
 
 log = logging.getLogger("t2i_ds.prepare")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -285,41 +283,5 @@ def run(args: argparse.Namespace) -> dict:
         if kill_after and done >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     manifest = write_manifest(out, meta, prefix=args.prefix)
-    print_summary(manifest, args.max_caption_tokens, images, time.time() - t0)
+    manifest["this_run"] = {"images": images, "seconds": time.time() - t0}
     return manifest
-
-
-def print_summary(manifest: dict, max_caption_tokens: int, images_this_run: int, seconds: float) -> None:
-    stats = manifest["stats"]
-    hist = {int(k): v for k, v in stats["caption_length_histogram"].items()}
-    over = sum(v for k, v in hist.items() if k > max_caption_tokens)
-    print(f"this run: {images_this_run} images in {seconds:.1f} s ({images_this_run / max(seconds, 1e-9):.1f} images/s)")
-    print(f"shards: {len(manifest['shards'])}, samples written: {stats['samples']}")
-    print(f"skipped: {stats['skipped'] or 'none'}; empty captions (kept): {stats['empty_captions']}")
-    print(f"caption tokens: {length_summary(hist) or 'n/a'}")
-    print(f"captions longer than {max_caption_tokens} tokens (truncated in training): {over}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m t2i_ds.prepare", description=__doc__.split("\n")[0])
-    p.add_argument("--input", required=True, help="img2dataset tars (dir/glob/brace), an image folder, or a CSV/parquet")
-    p.add_argument("--out", required=True, help="output directory of token shards")
-    p.add_argument("--image-tokenizer", required=True, help="movqgan:DIR (diffusers VQModel) or demo:DIR")
-    p.add_argument("--text-tokenizer", default=None, help="tokenizer.json or HF directory (default: NeoX BPE in the repo)")
-    p.add_argument("--image-size", type=int, default=256, help="center-crop and resize to this many pixels")
-    p.add_argument("--small-images", choices=SMALL_POLICIES, default="upscale", help="images smaller than the crop")
-    p.add_argument("--batch-size", type=int, default=64, help="images per image-tokenizer call")
-    p.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1), help="threads decoding images")
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="folder/CSV inputs: pairs per output shard")
-    p.add_argument("--prefix", default="tokens", help="output shard name prefix")
-    p.add_argument("--image-col", default="image", help="CSV/parquet column of image paths")
-    p.add_argument("--caption-col", default="caption", help="CSV/parquet column of captions")
-    p.add_argument("--max-caption-tokens", type=int, default=Vocab().max_caption_tokens, help="for the summary only")
-    p.add_argument("--rank", type=int, default=None, help="this process's rank (default: env RANK)")
-    p.add_argument("--world-size", type=int, default=None, help="number of processes (default: env WORLD_SIZE)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return run(build_parser().parse_args(argv))

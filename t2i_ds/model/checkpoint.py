@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from t2i_ds.atomic import atomic_open, atomic_path
 from t2i_ds.model.layers import trunc_normal_
+from t2i_ds.vocab import SPECIAL_NAMES, Vocab
 
 PREFIXES = ("module.", "_orig_mod.")
 EMBED_KEYS = ("tok_embeddings.weight", "output.weight")
@@ -154,3 +155,36 @@ def save_open_lm(model_or_sd: nn.Module | Mapping[str, torch.Tensor], path: str 
             save_file(sd, str(tmp))
     else:
         atomic_save({"state_dict": sd}, path)
+
+
+def text_rows_only(sd: Mapping[str, torch.Tensor], vocab: Vocab) -> dict[str, torch.Tensor]:
+    """Keep the text rows of the embedding and output: the checkpoint of a text LM of the same shape."""
+    return {k: (v[: vocab.text_size].clone() if k in EMBED_KEYS else v) for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows from the contrastive alignment (t2i_ds.paper.align writes them; init.new_rows=aligned reads them)
+# ----------------------------------------------------------------------------------------------------------------
+
+ROWS_KEY = "image_rows"
+ROWS_FILE = "aligned_rows.safetensors"
+
+
+def load_aligned_rows(path: str | Path, vocab: Vocab, dim: int, seed: int) -> dict[str, torch.Tensor]:
+    """New rows for `extend_vocab(..., rows=...)` from an alignment file, for both embedding keys.
+
+    Each value is (image_size + 6, dim) fp32: the aligned image rows, then the 6 special rows
+    drawn with open_lm's init (trunc normal, std 1/sqrt(dim)) from `seed`. The pre-trained
+    checkpoint must have exactly `vocab.text_size` rows, so that the new rows start at the image block.
+    """
+    from safetensors.torch import load_file
+
+    image_rows = load_file(str(path))[ROWS_KEY].float()
+    if tuple(image_rows.shape) != (vocab.image_size, dim):
+        raise ValueError(f"{path}: image_rows has shape {tuple(image_rows.shape)}, expected {(vocab.image_size, dim)}")
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in EMBED_KEYS:
+        specials = new_rows(image_rows, len(SPECIAL_NAMES), "random", gen)  # (6, dim), drawn per key
+        out[key] = torch.cat([image_rows, specials], dim=0)
+    return out

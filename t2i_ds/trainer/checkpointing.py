@@ -32,12 +32,17 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def is_complete(path: str | Path) -> bool:
+    """True when the checkpoint directory's COMPLETE marker exists (written last, after every rank saved)."""
+    return (Path(path) / MARKER).is_file()
+
+
 def complete_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoint directories, oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if (p / MARKER).is_file())
+    return sorted(p for p in root.glob("step_*") if is_complete(p))
 
 
 def rng_state() -> dict:
@@ -84,7 +89,7 @@ def find_resume(resume: str, root: str | Path) -> Path | None:
         found = complete_checkpoints(root)
         return found[-1] if found else None
     path = Path(resume)
-    if not (path / MARKER).is_file():
+    if not is_complete(path):
         raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint (no {MARKER} marker)")
     return path
 

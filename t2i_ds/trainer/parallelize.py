@@ -18,7 +18,8 @@ import torch
 
 from t2i_ds.config import Config, ConfigError
 from t2i_ds.model import Transformer, build_model, model_preset
-from t2i_ds.model.checkpoint import extend_vocab, load_into, read_state_dict
+from t2i_ds.model.checkpoint import extend_vocab, load_aligned_rows, load_into, read_state_dict
+from t2i_ds.model.freeze import apply_freeze
 from t2i_ds.trainer.schedule import cosine_with_warmup
 from t2i_ds.vocab import Vocab
 
@@ -41,9 +42,7 @@ def pretrained_state(cfg: Config, vocab: Vocab, dim: int) -> dict:
         )
     rows = None
     if cfg.init.new_rows == "aligned":
-        from t2i_ds.experiments.align import load_aligned_rows
-
-        rows = load_aligned_rows(cfg.init.aligned_rows, vocab, dim)
+        rows = load_aligned_rows(cfg.init.aligned_rows, vocab, dim, seed=cfg.init.seed)
     init = "random" if cfg.init.new_rows == "aligned" else cfg.init.new_rows
     return extend_vocab(sd, vocab.size, init=init, seed=cfg.init.seed, rows=rows)
 
@@ -55,8 +54,6 @@ def build_initialised_model(cfg: Config, vocab: Vocab) -> Transformer:
     model = build_model(args, vocab.modality_bounds)
     if cfg.init.mode == "pretrained":
         load_into(model, pretrained_state(cfg, vocab, args.dim))
-    from t2i_ds.experiments.freeze import apply_freeze
-
     model.freeze_report = apply_freeze(model, cfg.train.freeze)
     model.grad_checkpointing = cfg.model.grad_checkpointing
     return model

@@ -105,8 +105,8 @@ class Trainer:
         t = self.cfg.train
         if not t.probe_every:
             return None
-        from t2i_ds.data.text_tokenizer import TextTokenizer
-        from t2i_ds.experiments.probes import TextProbes
+        from t2i_ds.data.tokenizers import TextTokenizer
+        from t2i_ds.trainer.probes import TextProbes
 
         return TextProbes(TextTokenizer(t.text_tokenizer or None), self.vocab)
 
@@ -116,14 +116,14 @@ class Trainer:
         if not t.sample_every:
             return None
         from t2i_ds.data.images import load_image_tokenizer
-        from t2i_ds.data.text_tokenizer import TextTokenizer
+        from t2i_ds.data.tokenizers import TextTokenizer
 
         ids = TextTokenizer(t.text_tokenizer or None).encode_batch(list(t.sample_captions))
         return ids, load_image_tokenizer(t.image_tokenizer)
 
     def _samples(self) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] for the configured captions (every rank samples: ZeRO-3 gathers)."""
-        from t2i_ds.generate import generate_images
+        from t2i_ds.sampling import generate_images
 
         ids, image_tok = self.sampler
         model = self.engine.module

@@ -76,7 +76,7 @@ def event_dirs(run_dir: str | Path) -> list[str]:
     return sorted({os.path.dirname(f) for f in files})
 
 
-def load_run(run_dir: str | Path) -> Run:
+def load_curves(run_dir: str | Path) -> Run:
     """Every scalar tag of a run directory; resumed runs (repeated steps) keep the latest value."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -27,8 +27,8 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from t2i_ds.atomic import atomic_write_text
-from t2i_ds.data import shapes
-from t2i_ds.data.demo_tokenizer import PatchKMeansTokenizer, to_tensor
+from t2i_ds.demo import shapes
+from t2i_ds.demo.tokenizer import PatchKMeansTokenizer, to_tensor
 from t2i_ds.data.shards import TokenShardWriter
 from t2i_ds.vocab import Vocab
 

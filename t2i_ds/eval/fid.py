@@ -43,7 +43,6 @@ from t2i_ds.provenance import git_revision
 INCEPTION_SIZE = 299  # Inception-v3 input side; clean-fid resizes to it outside the network
 IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}  # clean-fid's, minus .npy
 STATS_VERSION = 1  # bump when the preprocessing changes: cached reference stats then no longer match
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def resizer_description(resize: int | None) -> str:
@@ -387,15 +386,15 @@ def chunk_seed(seed: int, chunk: int) -> int:
 def generated_stats(run, captions: Sequence[str], extractor: FeatureExtractor, *, resize: int | None, cfg_scale: float,
                     top_k: int | None, temperature: float, seed: int, batch_size: int, save_dir=None,
                     log: Callable[[str], None] = print) -> GaussianStats:
-    """Sample one image per caption with `run` (an export.InferenceRun), decode, accumulate features.
+    """Sample one image per caption with `run` (a t2i_ds.inference.InferenceRun), decode, accumulate features.
 
     Captions are ordered by prompt length and cut into chunks of `batch_size`, so that the sampler's
     left-padded batches carry little padding; chunk k samples from `chunk_seed(seed, k)`. The images
     are therefore a function of (run, captions, settings, seed, batch_size). With `save_dir`, each is
     written losslessly as `save_dir/{caption index:06d}.png` at the model's resolution.
     """
-    from t2i_ds.data.demo_tokenizer import to_uint8
-    from t2i_ds.generate import generate_images
+    from t2i_ds.data.images import to_uint8
+    from t2i_ds.sampling import generate_images
 
     if run.image_tokenizer is None:
         raise ValueError("the run's config names no train.image_tokenizer to decode images with")
@@ -458,48 +457,3 @@ def evaluate_fid(run, captions_path, reference, extractor: FeatureExtractor, out
         raise RuntimeError(f"FID is not finite: {report['fid']}")  # a bug, not a user error: keep the traceback
     append_report(report, out_dir)
     return report
-
-
-def load_run(run_dir, checkpoint: str | None, device: str):
-    """export.load_run, imported lazily (DeepSpeed is heavy); tests replace this function."""
-    from t2i_ds.export import load_run as _load_run
-
-    return _load_run(run_dir, checkpoint, device=device)
-
-
-def fid_main(args) -> int:
-    """`python -m t2i_ds.evaluate fid ...` (parsed in t2i_ds.evaluate): check inputs, load, evaluate, print."""
-    for path, what in ((args.captions, "captions file"), (args.run, "run directory")):
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{what} {path} does not exist")
-    if not Path(args.reference).exists():
-        raise FileNotFoundError(f"reference {args.reference} does not exist (an image folder or an .npz)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    extractor = TorchScriptExtractor(args.inception, device)  # before the model: a bad path fails in seconds
-    run = load_run(args.run, args.checkpoint, device)
-    report = evaluate_fid(run, args.captions, args.reference, extractor, args.out, n=args.n, cfg_scale=args.cfg_scale,
-                          top_k=args.top_k or None, temperature=args.temperature, seed=args.seed,
-                          batch_size=args.batch_size, resize=args.resize or None, save_images=args.save_images,
-                          workers=args.workers, run_dir=args.run, checkpoint=args.checkpoint)
-    print(json.dumps(report, indent=2))
-    return 0
-
-
-def add_fid_arguments(p) -> None:
-    """The `fid` subcommand's flags (an argparse parser)."""
-    p.add_argument("--run", required=True, help="run directory of a trained model (newest complete checkpoint)")
-    p.add_argument("--checkpoint", default=None, help="e.g. step_00095000 (default: the newest complete one)")
-    p.add_argument("--captions", required=True, help=".txt (one caption a line) or .jsonl ('caption' key)")
-    p.add_argument("--reference", required=True, help="reference image folder (e.g. COCO val2014) or an .npz of its stats")
-    p.add_argument("--inception", required=True, help="local inception-2015-12-05.pt (TorchScript; never downloaded)")
-    p.add_argument("--out", required=True, help="directory: fid.jsonl, reference_stats/, images/")
-    p.add_argument("--n", type=int, default=30_000, help="first n captions (0: all)")
-    p.add_argument("--cfg_scale", type=float, default=3.0)
-    p.add_argument("--top_k", type=int, default=1000, help="0: no top-k")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--resize", type=int, default=256, help="GigaGAN eval_res: LANCZOS to this size first (0: none)")
-    p.add_argument("--save_images", action="store_true", help="write out/images/{caption index:06d}.png")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers reading reference images")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")

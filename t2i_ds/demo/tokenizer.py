@@ -30,12 +30,6 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8."""
-    x = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round()
-    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, (H/p) * (W/p), C * p * p), patches in raster order."""
     B, C, H, W = images.shape
@@ -83,7 +77,7 @@ def kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iters: int, gen: torch.Gene
 
 
 class PatchKMeansTokenizer:
-    """ImageTokenizer (t2i_ds.data.image_tokenizer) with a k-means codebook over p x p patches."""
+    """ImageTokenizer (t2i_ds.data.tokenizers) with a k-means codebook over p x p patches."""
 
     def __init__(self, codebook: torch.Tensor, patch: int, image_size: int):
         if image_size % patch:

@@ -7,7 +7,7 @@ On the embedded captioned-shapes data:
      checkpoint (image and special rows initialised randomly), and `init.mode=random`;
   4. draw Fig. 3 (perplexity) and Fig. 4 (text and image loss) from their TensorBoard event files.
 
-    python -m t2i_ds.experiments.compare_init --out runs/compare
+    python -m t2i_ds.paper.compare_init --out runs/compare
 
 Every step is the real trainer command (DeepSpeed engine), so the same sequence at scale is the
 recipe in docs/experiments.md with open_lm-1b in place of step 1.
@@ -22,13 +22,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from t2i_ds.data import demo_data
+from t2i_ds.demo import data as demo_data
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="t2i_ds.experiments.compare_init", description=__doc__,
+    p = argparse.ArgumentParser(prog="t2i_ds.paper.compare_init", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--data", default="", help="demo data directory (default: OUT/data, generated if missing)")
@@ -71,8 +71,9 @@ def first(run_dir: Path, key: str) -> float:
 
 
 def main(argv=None) -> int:
-    from t2i_ds.experiments.figures import load_run, make_figures
-    from t2i_ds.export import main as export_main
+    from t2i_ds.paper.curves import load_curves, make_figures
+    from t2i_ds.inference import checkpoint_dir, consolidated_state_dict, run_config
+    from t2i_ds.model.checkpoint import save_open_lm, text_rows_only
 
     args = parse_args(argv)
     out = Path(args.out).resolve()
@@ -80,11 +81,12 @@ def main(argv=None) -> int:
     text_lm = out / "text_lm"
     run_train(text_lm, data, args.text_steps, ["data.mode=text", "data.caption_dropout=0.0"], args)
     ckpt = out / "text_lm.pt"
-    export_main(["--run-dir", str(text_lm), "--out", str(ckpt), "--text-rows-only"])
+    vocab = run_config(text_lm).vocab.build()
+    save_open_lm(text_rows_only(consolidated_state_dict(checkpoint_dir(text_lm)), vocab), ckpt)  # a text LM
     runs = {"pretrained": out / "t2i_pretrained", "random": out / "t2i_random"}
     run_train(runs["pretrained"], data, args.steps, ["init.mode=pretrained", f"init.checkpoint={ckpt}"], args)
     run_train(runs["random"], data, args.steps, ["init.mode=random"], args)
-    figs = make_figures({k: load_run(v) for k, v in runs.items()}, out / "figures", names=("fig3", "fig4"), alpha=0.0)
+    figs = make_figures({k: load_curves(v) for k, v in runs.items()}, out / "figures", names=("fig3", "fig4"), alpha=0.0)
     summary = {name: {k: (first(d, k), final(d, k)) for k in ("loss/text", "loss/image")} for name, d in runs.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n[compare] loss at the first and the last logged step")
@@ -98,4 +100,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from t2i_ds.cli import run
 
-    run("t2i_ds.experiments.compare_init", main)
+    run("t2i_ds.paper.compare_init", main)

@@ -1,13 +1,21 @@
-"""Caption tokenizer: any Hugging Face tokenizer from a local path; GPT-NeoX's BPE by default.
+"""The two tokenizers of a sample: the caption tokenizer, and the image-tokenizer interface.
 
-Never downloads: the path must be a `tokenizer.json` file or a directory saved by `save_pretrained`.
-No special tokens are added (the Vocab adds `<doc> <text> ... </text>` itself).
+Text: any Hugging Face tokenizer from a local path; GPT-NeoX's BPE by default. Never downloads: the path must be a
+`tokenizer.json` file or a directory saved by `save_pretrained`. No special tokens are added (the Vocab adds
+`<doc> <text> ... </text>` itself).
+
+Images: `ImageTokenizer` is the interface shared by MoVQGAN (diffusers `VQModel`, data/movqgan.py) and the demo's
+patch k-means (demo/tokenizer.py). Images are float tensors (B, 3, H, W) in [-1, 1]; codes are int64
+(B, grid_h * grid_w) in raster order, each in [0, codebook_size). `decode` maps codes straight to pixels.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
 
 # The NeoX-20B BPE shipped with the package (50,277 ids; provenance in t2i_ds/assets/NEOX_BPE_PROVENANCE.md).
 DEFAULT_TEXT_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "neox-20b-bpe.json"
@@ -51,3 +59,21 @@ class TextTokenizer:
     def describe(self) -> dict:
         """What the shard manifest records about the text tokenizer."""
         return {"name": self.name, "path": self.path, "vocab_size": self.vocab_size}
+
+
+@runtime_checkable
+class ImageTokenizer(Protocol):
+    codebook_size: int  # number of codes (MoVQGAN: 16,384)
+    grid: tuple[int, int]  # tokens per side (MoVQGAN at 256 px: (32, 32))
+    image_size: int  # square input resolution in pixels (MoVQGAN: 256)
+
+    @property
+    def tokens_per_image(self) -> int: ...
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float in [-1, 1] -> (B, grid_h * grid_w) int64 codes."""
+        ...
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, grid_h * grid_w) int64 codes -> (B, 3, H, W) float in [-1, 1]."""
+        ...

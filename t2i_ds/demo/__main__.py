@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from t2i_ds.data import demo_data
+from t2i_ds.demo import data as demo_data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (ds_configs/)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,10 +88,10 @@ def train(out: Path, data: Path, args) -> None:
 
 
 def sample_and_score(out: Path, data: Path, args) -> dict:
-    from t2i_ds.data.demo_tokenizer import to_uint8
-    from t2i_ds.evaluate import consistency_score
-    from t2i_ds.export import load_run
-    from t2i_ds.generate import generate_images, save_grid
+    from t2i_ds.data.images import to_uint8
+    from t2i_ds.eval.consistency import consistency_score
+    from t2i_ds.inference import load_run
+    from t2i_ds.sampling import generate_images, save_grid
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     run = load_run(out / "train")

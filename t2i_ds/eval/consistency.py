@@ -1,13 +1,8 @@
-"""Evaluation of generated images: the demo score (does the image show what the caption says?) and FID.
+"""The demo's score: does a generated image show what its caption says?
 
 `consistency_score` classifies each generated image with the shapes generator's own classifier
-(t2i_ds.data.shapes.classify) and compares with the ground-truth attributes of its caption. Chance
+(t2i_ds.demo.shapes.classify) and compares with the ground-truth attributes of its caption. Chance
 levels are those of a model that ignores the caption (uniform over the attribute's values).
-
-FID (COCO-30K, the GigaGAN / clean-fid protocol) lives in t2i_ds.eval_fid; its command is
-
-    python -m t2i_ds.evaluate fid --run RUN_DIR --captions coco30k.txt --reference val2014/ \
-        --inception inception-2015-12-05.pt --out runs/fid [--n 30000 --cfg_scale 3 --top_k 1000 --seed 0]
 """
 
 from __future__ import annotations
@@ -16,8 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from t2i_ds.data import shapes
-from t2i_ds.data.shapes import ShapeAttributes
+from t2i_ds.demo import shapes
+from t2i_ds.demo.shapes import ShapeAttributes
 
 _CHANCE = {
     "color": 1 / len(shapes.COLORS),
@@ -45,23 +40,3 @@ def consistency_score(images: np.ndarray, attributes: Sequence[ShapeAttributes])
     }
     scores = {k: float(np.mean(v)) for k, v in match.items()}
     return {**scores, "n": len(images), **{f"chance_{k}": v for k, v in _CHANCE.items()}}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m t2i_ds.evaluate fid ...`: COCO FID of a run (t2i_ds.eval_fid describes the protocol)."""
-    import argparse
-
-    from t2i_ds import eval_fid
-
-    p = argparse.ArgumentParser(prog="t2i_ds.evaluate", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    eval_fid.add_fid_arguments(sub.add_parser("fid", help="FID of a run's samples against reference images (clean-fid protocol)",
-                                              description=eval_fid.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    args = p.parse_args(argv)
-    return eval_fid.fid_main(args)
-
-
-if __name__ == "__main__":
-    from t2i_ds.cli import run
-
-    run("t2i_ds.evaluate", main)

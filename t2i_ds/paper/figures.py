@@ -1,9 +1,9 @@
-"""`python -m t2i_ds.figures`: the paper's figures (3, 4, 6, 7) as PNGs from TensorBoard runs.
+"""`python -m t2i_ds.paper.figures`: the paper's figures (3, 4, 6, 7) as PNGs from TensorBoard runs.
 
-    python -m t2i_ds.figures --runs pretrained=runs/t2i_pretrained random=runs/t2i_random --out figs
-    python -m t2i_ds.figures --runs full=runs/uncond_full embed_output=runs/uncond_embed_output \
+    python -m t2i_ds.paper.figures --runs pretrained=runs/t2i_pretrained random=runs/t2i_random --out figs
+    python -m t2i_ds.paper.figures --runs full=runs/uncond_full embed_output=runs/uncond_embed_output \
         --figures fig6 --out figs/uncond
-    python -m t2i_ds.figures --runs align=runs/align --figures fig7 --x step --out figs/align
+    python -m t2i_ds.paper.figures --runs align=runs/align --figures fig7 --x step --out figs/align
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from t2i_ds.experiments.figures import FIGURES, load_run, make_figures
+from t2i_ds.paper.curves import FIGURES, load_curves, make_figures
 
 
 def parse_run(spec: str) -> tuple[str, str]:
@@ -23,7 +23,7 @@ def parse_run(spec: str) -> tuple[str, str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m t2i_ds.figures", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m t2i_ds.paper.figures", description=__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="+", type=parse_run, default=[], metavar="NAME=RUN_DIR", help="runs to compare")
     p.add_argument("--out", required=True, help="output directory of the PNGs")
     p.add_argument("--figures", nargs="+", choices=list(FIGURES), default=list(FIGURES), help="figures to draw")
@@ -39,7 +39,7 @@ def main(argv=None) -> list[Path]:
     names = [name for name, _ in args.runs]
     if len(set(names)) != len(names):
         raise SystemExit(f"figures: run names must be distinct, got {names}")
-    runs = {name: load_run(path) for name, path in args.runs}
+    runs = {name: load_curves(path) for name, path in args.runs}
     paths = make_figures(runs, args.out, args.figures, args.ema, args.x)
     for path in paths:
         print(f"figures: wrote {path}")
@@ -49,4 +49,4 @@ def main(argv=None) -> list[Path]:
 if __name__ == "__main__":
     from t2i_ds.cli import run
 
-    run("t2i_ds.figures", main)
+    run("t2i_ds.paper.figures", main)

@@ -29,11 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from t2i_ds.model.checkpoint import EMBED_KEYS, new_rows
-from t2i_ds.vocab import SPECIAL_NAMES, Vocab
+from t2i_ds.model.checkpoint import ROWS_KEY, new_rows
 
-ROWS_KEY = "image_rows"
-ROWS_FILE = "aligned_rows.safetensors"
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps exp(s) at 100
 
@@ -210,23 +207,3 @@ def save_aligned_rows(path: str | Path, image_rows: torch.Tensor, metadata: dict
     meta = {str(k): str(v) for k, v in metadata.items()}
     save_file({ROWS_KEY: image_rows.detach().float().cpu().contiguous()}, str(path), metadata=meta)
     return path
-
-
-def load_aligned_rows(path: str | Path, vocab: Vocab, dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """New rows for `extend_vocab(..., rows=...)` from an alignment file, for both embedding keys.
-
-    Each value is (image_size + 6, dim) fp32: the aligned image rows, then the 6 special rows
-    drawn with open_lm's init (trunc normal, std 1/sqrt(dim)) from `seed`. The pre-trained
-    checkpoint must have exactly `vocab.text_size` rows, so that the new rows start at the image block.
-    """
-    from safetensors.torch import load_file
-
-    image_rows = load_file(str(path))[ROWS_KEY].float()
-    if tuple(image_rows.shape) != (vocab.image_size, dim):
-        raise ValueError(f"{path}: image_rows has shape {tuple(image_rows.shape)}, expected {(vocab.image_size, dim)}")
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for key in EMBED_KEYS:
-        specials = new_rows(image_rows, len(SPECIAL_NAMES), "random", gen)  # (6, dim), drawn per key
-        out[key] = torch.cat([image_rows, specials], dim=0)
-    return out

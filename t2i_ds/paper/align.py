@@ -1,10 +1,10 @@
-"""`python -m t2i_ds.align`: image-text token contrastive alignment (paper section 3.2, Figure 7).
+"""`python -m t2i_ds.paper.align`: image-text token contrastive alignment (paper section 3.2, Figure 7).
 
-    python -m t2i_ds.align --shards data/tokens --checkpoint open_lm_1b.pt --out runs/align \
+    python -m t2i_ds.paper.align --shards data/tokens --checkpoint open_lm_1b.pt --out runs/align \
         --tokenizer t2i_ds/assets/neox-20b-bpe.json
 
 Reads token shards (t2i_ds.data.shards format) and the pre-trained text rows of an open_lm
-checkpoint, trains the image rows with the CLIP loss (t2i_ds.experiments.align), and writes into
+checkpoint, trains the image rows with the CLIP loss (t2i_ds.paper.alignment), and writes into
 --out: TensorBoard events (`align/loss`, `align/temperature`, `align/accuracy`),
 `aligned_rows.safetensors` (the trainer's `aligned` init) and `nearest_tokens.md` (the nearest
 text tokens of a sample of image codes, also printed).
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2i_ds.experiments.align import (
-    ROWS_FILE,
+from t2i_ds.model.checkpoint import ROWS_FILE
+from t2i_ds.paper.alignment import (
     AlignConfig,
     nearest_report,
     nearest_text_tokens,
@@ -77,7 +77,7 @@ def load_decoder(path: str | None):
 
 def parse_args(argv=None) -> argparse.Namespace:
     d, v = AlignConfig(), Vocab()
-    p = argparse.ArgumentParser(prog="python -m t2i_ds.align", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m t2i_ds.paper.align", description=__doc__.split("\n")[0])
     p.add_argument("--shards", required=True, help="token shards: a directory, a glob, or a brace pattern")
     p.add_argument("--checkpoint", required=True, help="pre-trained open_lm checkpoint giving the text rows")
     p.add_argument("--out", required=True, help="output directory (TensorBoard events, rows, report)")
@@ -129,4 +129,4 @@ def main(argv=None) -> Path:
 if __name__ == "__main__":
     from t2i_ds.cli import run
 
-    run("t2i_ds.align", main)
+    run("t2i_ds.paper.align", main)
