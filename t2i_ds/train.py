@@ -36,9 +36,10 @@ def resolve(args: argparse.Namespace):
     import t2i_ds.demo.preset  # noqa: F401  (registers the demo preset)
     from t2i_ds.trainer.batching import read_ds_config
 
+    ds_config = read_ds_config(args.ds_config)
     cfg = apply_overrides(preset(args.preset), args.overrides)
     cfg.require_data(args.preset)
-    return cfg, read_ds_config(args.ds_config)
+    return cfg, ds_config
 
 
 def main(argv: list[str] | None = None) -> int:

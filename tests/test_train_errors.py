@@ -5,7 +5,8 @@ from tests.trainer_utils import DS_ZERO2, train
 
 
 def _fails(args, tmp_path, expect: str):
-    proc = train([*args, "--set", f"train.run_dir={tmp_path / 'run'}"], check=False, timeout=120)
+    preset = [] if "--preset" in args else ["--preset", "debug"]  # the default preset is the paper's 1.5B recipe
+    proc = train([*args, *preset, "--set", f"train.run_dir={tmp_path / 'run'}"], check=False, timeout=120)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -27,6 +28,14 @@ def test_contradicting_ds_config(tmp_path):
     bad = tmp_path / "bs.json"
     bad.write_text('{"train_batch_size": 7, "zero_optimization": {"stage": 2}}')
     _fails(["--ds_config", str(bad)], tmp_path, "train_batch_size=7 contradicts")
+
+
+def test_paper_recipe_without_data_names_the_setting(tmp_path):
+    # the launcher's bare command: the paper recipe, and one line saying how to give the token shards
+    proc = train(["--ds_config", DS_ZERO2], check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "data.path is not set: preset 'paper_t2i'" in last and "--set data.path=DIR" in last, last
 
 
 def test_unknown_preset(tmp_path):
