@@ -81,6 +81,11 @@ def extract(path: Path, tmp: Path) -> list[Command]:
     return found
 
 
+def _last_line(stream: io.StringIO) -> str:
+    lines = stream.getvalue().strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 def _module_main(module: str):
     return importlib.import_module(module + ".__main__" if module in ("t2i_ds.eval", "t2i_ds.demo") else module)
 
@@ -93,7 +98,7 @@ def check_module_args(module: str, args: list[str]) -> None:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
             mod.parse_args(args)
     except SystemExit as e:
-        raise AssertionError(f"{module} rejects {shlex.join(args)}: {err.getvalue().strip()}") from e
+        raise AssertionError(f"{module} rejects {shlex.join(args)}: {_last_line(err)}") from e
     if module == "t2i_ds.train":
         cwd = os.getcwd()
         os.chdir(ROOT)  # documented paths (ds_configs/...) are relative to the repository
@@ -114,7 +119,7 @@ def check(cmd: Command) -> None:
             with contextlib.redirect_stderr(io.StringIO()) as err:
                 a = ds_parse(rest)
         except SystemExit as e:
-            raise AssertionError(f"DeepSpeed's launcher rejects it: {err.getvalue().strip()}") from e
+            raise AssertionError(f"DeepSpeed's launcher rejects it: {_last_line(err)}") from e
         assert a.module, f"{a.user_script} without --module: the launcher would run it as a file path"
         check_module_args(a.user_script, a.user_args)
     elif prog == "torchrun":
@@ -124,7 +129,7 @@ def check(cmd: Command) -> None:
             with contextlib.redirect_stderr(io.StringIO()) as err:
                 a = get_args_parser().parse_args(rest)
         except SystemExit as e:
-            raise AssertionError(f"torchrun rejects it: {err.getvalue().strip()}") from e
+            raise AssertionError(f"torchrun rejects it: {_last_line(err)}") from e
         assert a.module, f"{a.training_script} without -m"
         check_module_args(a.training_script, a.training_script_args)
     elif prog in ("python", "python3") and rest[:1] == ["-m"] and len(rest) > 1:
