@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2i_ds.demo.data import load_demo_vocab, make_demo_dataset, read_val_captions
+from t2i_ds.demo.data import DemoSizes, load_demo_vocab, make_demo_dataset, read_val_captions
 from t2i_ds.data.images import to_uint8
 from t2i_ds.demo.tokenizer import PatchKMeansTokenizer
 from t2i_ds.data.shards import list_shards, read_shard
@@ -39,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", default="/tmp/demo_sizing_data")
     p.add_argument("--n_train", type=int, default=10_000)
     p.add_argument("--n_val", type=int, default=200)
-    p.add_argument("--codebook", type=int, default=256)
+    p.add_argument("--codebook", type=int, default=DemoSizes.codebook_size)
     p.add_argument("--preset", default="demo")
     p.add_argument("--dim", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
@@ -97,7 +97,7 @@ def main() -> None:
     data = Path(args.data)
     t0 = time.perf_counter()
     if not (data / "demo_vocab.json").exists():
-        make_demo_dataset(data, args.n_train, args.n_val, args.seed, codebook_size=args.codebook)
+        make_demo_dataset(data, args.n_train, args.n_val, args.seed, DemoSizes(codebook_size=args.codebook))
     data_s = time.perf_counter() - t0
     vocab = load_demo_vocab(data)
     image_tok = PatchKMeansTokenizer.load(data / "image_tokenizer")

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from t2i_ds.data.config import DataConfig
 from t2i_ds.model.args import PRESETS as MODEL_PRESETS
-from t2i_ds.vocab import Vocab
+from t2i_ds.vocab import Vocab, tiny_vocab
 
 
 class ConfigError(ValueError):
@@ -137,7 +137,8 @@ class TrainConfig:
     run_dir: str = "runs/default"
     """Directory of logs, checkpoints, the resolved config and the git revision."""
     log_every: int = 10
-    """Steps between metric logs (the only host-device syncs of the loop)."""
+    """Steps between metric logs (the metrics' only host-device sync; the stop-signal agreement of
+    `signal_check_every` is the loop's other one)."""
     ckpt_every: int = 1_000
     """Steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)."""
     keep_last: int = 3
@@ -147,7 +148,8 @@ class TrainConfig:
     probe_every: int = 0
     """Steps between text probes (forgetting, paper Table 1); 0 disables."""
     text_tokenizer: str = ""
-    """Text tokenizer (tokenizer.json or dir) for probes and samples; empty: the NeoX default."""
+    """The text tokenizer the shards were made with (tokenizer.json or a directory): for text mixing
+    (data.text_path), probes, samples and generation; empty: the NeoX BPE default."""
     sample_every: int = 0
     """Steps between image samples written to TensorBoard; 0 disables."""
     image_tokenizer: str = ""
@@ -218,17 +220,14 @@ def _paper(**train) -> Config:
     return Config(model=model, train=TrainConfig(**train), data=data)
 
 
-def _tiny_vocab() -> VocabConfig:
-    return VocabConfig(text_size=300, image_size=64, image_tokens=16, seq_len=40, real_text_size=300)
-
-
 def _debug() -> Config:
     """Seconds on a CPU: the debug model on deterministic synthetic sequences."""
+    vocab = VocabConfig(**dataclasses.asdict(tiny_vocab()))
     return Config(
-        vocab=_tiny_vocab(),
+        vocab=vocab,
         model=ModelConfig(preset="debug", overrides={"loss_impl": "torch"}),  # the reference loss path
         optim=OptimConfig(lr=1e-3, warmup_steps=2),
-        train=TrainConfig(tokens_per_step=4 * 40, micro_batch=2, steps=6, log_every=1, ckpt_every=0,
+        train=TrainConfig(tokens_per_step=4 * vocab.seq_len, micro_batch=2, steps=6, log_every=1, ckpt_every=0,
                           data_source="synthetic", run_dir="runs/debug"),
     )
 
@@ -275,14 +274,37 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             if not isinstance(node.get(p), dict):
                 raise ConfigError(f"override {key!r}: no section {p!r}")
             node = node[p]
+        if key in MOVED:
+            raise ConfigError(f"override {key!r}: the field is now {MOVED[key]} (--set {MOVED[key]}={value})")
         if parts[-1] not in node and not (len(parts) >= 2 and parts[-2] == "overrides"):
             raise ConfigError(f"override {key!r}: unknown field {parts[-1]!r}; fields are {sorted(node)}")
         node[parts[-1]] = _parse_value(value)
     return from_dict(raw)
 
 
+MOVED = {"data.text_tokenizer": "train.text_tokenizer"}  # old field -> its one home now
+
+
+def _migrate(raw: dict) -> dict:
+    """A config.json written before a field moved: its value goes to the new home; two different values are
+    an error (which tokenizer made the shards is not ours to guess)."""
+    for old, new in MOVED.items():
+        (old_sec, old_field), (new_sec, new_field) = old.split("."), new.split(".")
+        if not isinstance(raw.get(old_sec), dict) or old_field not in raw[old_sec]:
+            continue
+        value = raw[old_sec][old_field]
+        current = raw.get(new_sec, {}).get(new_field, "")
+        if value and current and value != current:
+            raise ConfigError(f"{old}={value!r} and {new}={current!r} differ; {old} was merged into {new}: "
+                              f"keep the one the shards were made with as {new}")
+        raw = {**raw, old_sec: {k: v for k, v in raw[old_sec].items() if k != old_field},
+               new_sec: {**raw.get(new_sec, {}), new_field: current or value}}
+    return raw
+
+
 def from_dict(raw: dict) -> Config:
-    """Rebuild (and so re-validate) a Config from plain data; unknown fields are errors."""
+    """Rebuild (and so re-validate) a Config from plain data; unknown fields are errors (moved ones migrate)."""
+    raw = _migrate(raw)
     sections = {"vocab": VocabConfig, "model": ModelConfig, "init": InitConfig, "optim": OptimConfig, "train": TrainConfig}
     unknown = set(raw) - set(sections) - {"data"}
     if unknown:

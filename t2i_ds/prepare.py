@@ -24,6 +24,8 @@ def print_summary(manifest: dict, max_caption_tokens: int) -> None:
     print(f"this run: {images_this_run} images in {seconds:.1f} s ({images_this_run / max(seconds, 1e-9):.1f} images/s)")
     print(f"shards: {len(manifest['shards'])}, samples written: {stats['samples']}")
     print(f"skipped: {stats['skipped'] or 'none'}; empty captions (kept): {stats['empty_captions']}")
+    if manifest["skipped_list"]["records"]:
+        print(f"skipped records (key, reason, source): {manifest['skipped_list']['path']}")
     print(f"caption tokens: {length_summary(hist) or 'n/a'}")
     print(f"captions longer than {max_caption_tokens} tokens (truncated in training): {over}")
 

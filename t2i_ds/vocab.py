@@ -19,28 +19,17 @@ captions are truncated and counted.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 
 IGNORE = -100  # target value that contributes no loss (torch's cross_entropy default)
 
 SPECIAL_NAMES = ("<doc>", "</doc>", "<text>", "</text>", "<image>", "</image>")
 
 
-class Modality(enum.IntEnum):
-    """Modality of a target id; the loss is reported per modality (paper Fig. 4)."""
-
-    IGNORED = -1
-    TEXT = 0
-    IMAGE = 1
-    SPECIAL = 2
-
-
-MODALITY_NAMES = ("text", "image", "special")  # indexed by Modality value
+MODALITY_NAMES = ("text", "image", "special")  # the loss's per-modality split (paper Fig. 4), by `modality_bounds`
 
 
 @dataclass
@@ -50,15 +39,6 @@ class Sample:
     input_ids: np.ndarray
     targets: np.ndarray
     caption_truncated: bool = False
-
-
-@dataclass
-class SequenceStats:
-    """Counters kept while building samples (logged, and printed by `prepare`)."""
-
-    samples: int = 0
-    truncated_captions: int = 0
-    empty_captions: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,13 +134,6 @@ class Vocab:
             )
         return codes + self.image_offset
 
-    def modality(self, ids: torch.Tensor) -> torch.Tensor:
-        """Modality of each target id (IGNORE -> Modality.IGNORED), same shape, int64."""
-        out = torch.full_like(ids, int(Modality.SPECIAL), dtype=torch.int64)
-        out = torch.where(ids < self.special_offset, int(Modality.IMAGE), out)
-        out = torch.where(ids < self.image_offset, int(Modality.TEXT), out)
-        return torch.where(ids < 0, int(Modality.IGNORED), out)
-
     # ---- sequences -------------------------------------------------------------------------
     def prompt(self, caption_ids: Sequence[int]) -> list[int]:
         """Generation prompt `<doc> <text> caption </text> <image>`; `[]` is the CFG-unconditional one."""
@@ -209,18 +182,13 @@ class Vocab:
         targets[: n - 1] = tokens[1:]
         return Sample(input_ids, targets, truncated)
 
-    def build(self, caption_ids: Sequence[int] | None, codes: Sequence[int], stats: SequenceStats | None = None) -> Sample:
+    def build(self, caption_ids: Sequence[int] | None, codes: Sequence[int]) -> Sample:
         """The sample for one pair: unconditional when `caption_ids is None`, else text-to-image."""
-        sample = self.unconditional(codes) if caption_ids is None else self.text_to_image(caption_ids, codes)
-        if stats is not None:
-            stats.samples += 1
-            stats.truncated_captions += int(sample.caption_truncated)
-            stats.empty_captions += int(caption_ids is not None and len(caption_ids) == 0)
-        return sample
+        return self.unconditional(codes) if caption_ids is None else self.text_to_image(caption_ids, codes)
 
 
 def tiny_vocab(**overrides) -> Vocab:
-    """A small vocabulary for tests and the demo: 300 text ids, 64 image codes, 16 tokens per image."""
+    """A small vocabulary for tests and the `debug` preset: 300 text ids, 64 image codes, 16 tokens per image."""
     kwargs = dict(text_size=300, image_size=64, image_tokens=16, seq_len=40, pad_id=1, real_text_size=300)
     kwargs.update(overrides)
     return Vocab(**kwargs)

@@ -40,3 +40,20 @@ def neox_tokenizer():
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(NEOX_BPE))
+
+
+@pytest.fixture(scope="session")
+def debug_run(tmp_path_factory):
+    """`debug_run(name)` -> the run directory of tests.trainer_utils.DEBUG_RUNS[name], trained on first use and
+    shared by every test module of the session (each run is a DeepSpeed launch of 10-40 s)."""
+    from tests.trainer_utils import train_debug_run
+
+    root = tmp_path_factory.mktemp("debug_runs")
+    done: dict = {}
+
+    def get(name: str):
+        if name not in done:
+            done[name] = train_debug_run(name, root / name)
+        return done[name]
+
+    return get

@@ -1,10 +1,13 @@
 """prepare: real photos (scikit-learn's china.jpg / flower.jpg) and odd image modes -> token shards -> loader."""
 
 import io
+import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,6 @@ from t2i_ds.data.config import DataConfig
 from t2i_ds.data.images import SkipImage, center_crop_resize, load_and_prepare, to_rgb
 from t2i_ds.data.loader import TokenLoader
 from t2i_ds.data.movqgan import MOVQGAN_CONFIGS, MoVQGANTokenizer
-from t2i_ds.data.prepare import KILL_AFTER_ENV
 from t2i_ds.prepare import main
 from t2i_ds.data.shards import list_shards, read_manifest, read_shard
 from t2i_ds.data.tokenizers import TextTokenizer
@@ -179,10 +181,33 @@ def test_prepared_shards_through_the_loader(prepared):
     assert loader.stats["truncated_captions"] == 1
 
 
-def test_skip_small_images(tmp_path, inputs, movq_dir):
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_skipped_records_are_listed_with_reasons(prepared):
+    broken = {"key": "00020002", "reason": "undecodable", "source": "00002.tar"}
+    assert read_jsonl(prepared / "tokens-000002.skipped.jsonl") == [broken]
+    assert sorted(p.name for p in prepared.glob("*.skipped.jsonl")) == ["tokens-000002.skipped.jsonl"]
+    assert read_jsonl(prepared / "skipped.jsonl") == [{"shard": "tokens-000002.tar", **broken}]
+
+
+def test_outputs_are_readable_like_any_file(prepared):
+    """Shards, sidecars, manifest and skip lists honour the umask (atomic writes used to make them 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in prepared.iterdir() if p.is_file()]
+    assert len(files) == 3 + 3 + 1 + 1 + 1  # tars, stats sidecars, one skip sidecar, manifest, skipped.jsonl
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
+
+
+def test_skip_small_images(tmp_path, inputs, movq_dir, capsys):
     m = main(prepare_args(inputs, tmp_path, movq_dir, "--small-images", "skip"))
     assert m["stats"]["skipped"] == {"too_small": 1, "undecodable": 1}
     assert m["stats"]["samples"] == 10
+    assert [(r["key"], r["reason"]) for r in read_jsonl(tmp_path / "skipped.jsonl")] == [
+        ("00020001", "too_small"), ("00020002", "undecodable")]
+    assert f"skipped records (key, reason, source): {tmp_path / 'skipped.jsonl'}" in capsys.readouterr().out
 
 
 def test_ranks_split_inputs_and_match_one_process(tmp_path, inputs, movq_dir, prepared):
@@ -194,17 +219,41 @@ def test_ranks_split_inputs_and_match_one_process(tmp_path, inputs, movq_dir, pr
     assert read_manifest(tmp_path)["stats"] == read_manifest(prepared)["stats"]
 
 
-def test_killed_run_resumes_without_duplicates_or_gaps(tmp_path, inputs, movq_dir, prepared):
-    cmd = [sys.executable, "-m", "t2i_ds.prepare", *prepare_args(inputs, tmp_path, movq_dir)]
-    env = {**os.environ, KILL_AFTER_ENV: "2", "PYTHONPATH": str(ROOT)}
-    killed = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert len(list_shards(tmp_path)) == 2
-    main(prepare_args(inputs, tmp_path, movq_dir))  # resume in-process
-    keys = [s.key for p in list_shards(tmp_path) for s in read_shard(p)]
-    assert len(keys) == len(set(keys)) == 11
-    for a, b in zip(list_shards(tmp_path), list_shards(prepared), strict=True):
+def test_killed_run_resumes_without_duplicates_or_gaps(tmp_path, photos, movq_dir):
+    """SIGKILL from outside once two of nine shards exist; the rerun finishes the rest, byte-identical to an
+    uninterrupted run, and removes the temporaries the killed writer left (and nothing else)."""
+    from t2i_ds.atomic import _host
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, data in photos.items():  # one pair per output shard: nine units, the kill lands mid-run
+        (folder / f"{name}.png").write_bytes(data)
+        (folder / f"{name}.txt").write_text(CAPTIONS[name])
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    args = prepare_args(folder, out, movq_dir, "--samples-per-shard", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "t2i_ds.prepare", *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    main(prepare_args(folder, ref, movq_dir, "--samples-per-shard", "1"))  # the reference, meanwhile
+    deadline = time.time() + 300
+    while len(list(out.glob("tokens-*.tar"))) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -9, err[-2000:]  # killed, not finished
+    assert 2 <= len(list_shards(out)) < 9
+    # what a writer killed between create and rename leaves: a temporary named after its (now dead) pid
+    left = out / f".tokens-000008.stats.json.{_host()}.{proc.pid}.0123abcd.tmp"
+    left.write_text("{")
+    foreign = [out / ".notes.tmp", out / f".tokens-000008.tar.{_host()}.{os.getpid()}.0123abcd.tmp"]
+    for f in foreign:  # someone else's file, and a temporary of a live writer (this process): both kept
+        f.write_text("x")
+    main(args)  # resume in-process
+    assert not left.exists() and all(f.exists() for f in foreign)
+    keys = [s.key for p in list_shards(out) for s in read_shard(p)]
+    assert len(keys) == len(set(keys)) == 8  # nine pairs, the truncated JPEG skipped
+    for a, b in zip(list_shards(out), list_shards(ref), strict=True):
         assert Path(a).read_bytes() == Path(b).read_bytes()
+    assert (out / "skipped.jsonl").read_bytes() == (ref / "skipped.jsonl").read_bytes()
 
 
 def test_refuses_a_different_tokenizer_in_the_same_dir(tmp_path, inputs, movq_dir, prepared):

@@ -2,6 +2,7 @@
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -85,10 +86,46 @@ def test_run_keys_texts_and_determinism(probes):
     assert first.texts["probe/translation_table"].count("\n") == 1 + len(probes.queries)
     assert math.log(VOCAB.size) - 1 < first.metrics["probe/heldout_loss"] < math.log(VOCAB.size) + 1  # untrained
     assert first.metrics["probe/heldout_ppl"] == pytest.approx(math.exp(first.metrics["probe/heldout_loss"]))
-    assert 0.0 <= first.metrics["probe/translation_exact_match"] <= 1.0
+    assert first.metrics["probe/translation_exact_match"] == 0.0  # an untrained model knows no French
     model.eval()
     probes.run(model)
     assert not model.training
+
+
+class ScriptedLM(nn.Module):
+    """Answers a translation prompt with the reference French word when it knows the English one, else with a
+    wrong word; any other prompt gets a fixed text. Its held-out loss is 2 nats per target."""
+
+    def __init__(self, tokenizer, known: dict[str, str]):
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(1))
+        self.tokenizer, self.known = tokenizer, known
+
+    def forward(self, x, y):
+        count = (y >= 0).sum().float()
+        return SimpleNamespace(loss_sum=2.0 * count, count=count)
+
+    def forward_with_cache(self, ids, past=None):
+        if past is None:  # the prompt: decide the whole answer
+            prompt = self.tokenizer.decode(ids[0].tolist())
+            query = prompt.rsplit("\n", 1)[-1].removesuffix(" =>")
+            text = f" {self.known.get(query, 'bonjour')}\nsalt => sel" if prompt.startswith("Translate") else " it is fast."
+            past = (self.tokenizer.encode(text).ids, 0)
+        answer, i = past
+        logits = torch.zeros(1, VOCAB.size)
+        logits[0, answer[min(i, len(answer) - 1)]] = 1.0
+        return logits, (answer, i + 1)
+
+
+def test_translation_exact_match_counts_the_right_answers(neox_tokenizer):
+    probes = TextProbes(neox_tokenizer, VOCAB, max_new_tokens=8, max_answer_tokens=16)
+    known = dict(probes.queries[: len(probes.queries) // 2 + 1])  # a little over half of the words
+    result = probes.run(ScriptedLM(neox_tokenizer, known))
+    assert result.metrics["probe/translation_exact_match"] == pytest.approx(len(known) / len(probes.queries))
+    table = result.texts["probe/translation_table"].splitlines()[2:]
+    assert [row.endswith("| yes |") for row in table] == [en in known for en, _ in probes.queries]
+    assert result.texts["probe/relativity"] == " it is fast" + "." * 5  # 8 new tokens, the last one repeated
+    assert result.metrics["probe/heldout_loss"] == pytest.approx(2.0)
 
 
 def test_heldout_samples_are_text_only_format(probes):

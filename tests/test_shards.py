@@ -11,12 +11,15 @@ import webdataset as wds
 from t2i_ds.data.shards import (
     FORMAT,
     ShardSample,
+    SkippedRecord,
     TokenShardWriter,
     list_shards,
     read_manifest,
     read_shard,
+    skipped_path,
     stats_path,
     write_shard,
+    write_skipped_list,
 )
 
 META = {"image_tokenizer": {"name": "t", "codebook_size": 64, "grid": [4, 4], "image_size": 16},
@@ -63,10 +66,21 @@ def test_manifest(tmp_path):
 
 def test_write_shard_records_skips_and_is_deterministic(tmp_path):
     samples = [ShardSample("a", np.zeros(4, int), np.array([1, 2]), "x", {"width": 1})]
-    write_shard(tmp_path / "s-000000.tar", samples, skipped={"undecodable": 2})
-    write_shard(tmp_path / "t-000000.tar", samples, skipped={"undecodable": 2})
+    skipped = [SkippedRecord("b", "undecodable", "in-0.tar"), SkippedRecord("c", "no_image", "in-0.tar"),
+               SkippedRecord("d", "undecodable", "in-0.tar")]
+    write_shard(tmp_path / "s-000000.tar", samples, skipped)
+    write_shard(tmp_path / "t-000000.tar", samples, skipped)
+    write_shard(tmp_path / "s-000001.tar", samples)
     assert (tmp_path / "s-000000.tar").read_bytes() == (tmp_path / "t-000000.tar").read_bytes()
-    assert json.loads(stats_path(tmp_path / "s-000000.tar").read_text())["skipped"] == {"undecodable": 2}
+    assert json.loads(stats_path(tmp_path / "s-000000.tar").read_text())["skipped"] == {"no_image": 1, "undecodable": 2}
+    rows = [json.loads(line) for line in skipped_path(tmp_path / "s-000000.tar").read_text().splitlines()]
+    assert rows == [r.to_json() for r in skipped]
+    assert not skipped_path(tmp_path / "s-000001.tar").exists()  # nothing skipped: no list
+    path, n = write_skipped_list(tmp_path, prefix="s")
+    assert n == 3 and [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"shard": "s-000000.tar", **r.to_json()} for r in skipped]
+    write_shard(tmp_path / "s-000000.tar", samples)  # redone without skips: the old list goes
+    assert not skipped_path(tmp_path / "s-000000.tar").exists() and write_skipped_list(tmp_path, prefix="s")[1] == 0
 
 
 def test_failed_writer_leaves_no_partial_tar(tmp_path, monkeypatch):

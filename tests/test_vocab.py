@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_ds.vocab import IGNORE, Modality, SequenceStats, Vocab, tiny_vocab
+from t2i_ds.vocab import IGNORE, Vocab, tiny_vocab
 
 CAPTIONS = [
     "A red double-decker bus drives past Big Ben on a rainy afternoon in London.",
@@ -47,30 +47,29 @@ def test_long_and_empty_caption(neox_tokenizer):
     codes = np.zeros(v.image_tokens, dtype=np.int64)
     long_ids = neox_tokenizer.encode(" ".join(CAPTIONS * 6)).ids
     assert len(long_ids) > v.max_caption_tokens
-    stats = SequenceStats()
-    s = v.build(long_ids, codes, stats)
-    assert s.caption_truncated and stats.truncated_captions == 1
+    s = v.build(long_ids, codes)
+    assert s.caption_truncated
     assert s.input_ids[2 : 2 + 122].tolist() == long_ids[:122]
     assert s.input_ids[124] == v.text_end and s.input_ids[-1] == v.doc_end  # exactly full
     assert (s.targets[:-1] != IGNORE).all() and s.targets[-1] == IGNORE
-    empty = v.build(neox_tokenizer.encode("").ids, codes, stats)
-    assert stats.empty_captions == 1 and stats.samples == 2
+    empty = v.build(neox_tokenizer.encode("").ids, codes)
+    assert not empty.caption_truncated
     assert empty.input_ids[:3].tolist() == [v.doc, v.text, v.text_end]
 
 
 def test_unconditional_has_no_text_targets():
     v = tiny_vocab()
-    s = v.build(None, np.arange(v.image_tokens) % v.image_size)
-    mods = v.modality(torch.from_numpy(s.targets))
-    assert not (mods == Modality.TEXT).any()
+    codes = np.arange(v.image_tokens) % v.image_size
+    s = v.build(None, codes)
     assert s.input_ids[:2].tolist() == [v.doc, v.image]
-    assert (mods == Modality.IMAGE).sum() == v.image_tokens
+    targets = s.targets[s.targets != IGNORE]
+    assert targets.tolist() == [v.image, *(v.image_offset + codes), v.image_end, v.doc_end]  # no text id anywhere
 
 
-def test_modality_of_targets():
+def test_modality_bounds_split_the_ids():
     v = tiny_vocab()
-    ids = torch.tensor([IGNORE, 0, 299, 300, 363, 364, 369])
-    assert v.modality(ids).tolist() == [-1, 0, 0, 1, 1, 2, 2]
+    ids = torch.tensor([0, 299, 300, 363, 364, 369])
+    assert torch.bucketize(ids, torch.tensor(v.modality_bounds), right=True).tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_cfg_prompt_is_the_trained_empty_caption():

@@ -49,6 +49,25 @@ def losses(run_dir: Path, key: str = "loss/total") -> dict[int, float]:
     return {m["step"]: m[key] for m in metrics(run_dir)}
 
 
+# The debug-model runs several test modules read (golden losses, export, the fused kernel under ZeRO-3): trained
+# once per session, on first use, by the `debug_run` fixture of conftest.py.
+DEBUG_STEPS = 6
+DEBUG_RUNS = {
+    "single": (DS_ZERO2, 1, []),
+    "zero2_x2": (DS_ZERO2, 2, []),
+    "zero3_x2": (DS_ZERO3, 2, []),
+    "zero3_x2_ckpt": (DS_ZERO3, 2, ["--set", "model.grad_checkpointing=true"]),  # recompute must not change the math
+}
+
+
+def train_debug_run(name: str, run_dir: Path) -> Path:
+    """Train the debug preset for DEBUG_STEPS steps as DEBUG_RUNS[name] says; return its run directory."""
+    ds, ranks, extra = DEBUG_RUNS[name]
+    train(["--ds_config", ds, "--preset", "debug", "--set", f"train.steps={DEBUG_STEPS}", *extra,
+           "--set", f"train.run_dir={run_dir}"], ranks=ranks)
+    return run_dir
+
+
 def write_random_shards(out: Path, n_shards: int, per_shard: int, vocab, seed: int = 0) -> None:
     """Token shards in the project's format with a learnable caption -> codes link."""
     from t2i_ds.data.shards import ShardSample, write_shard

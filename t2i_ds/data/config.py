@@ -39,11 +39,7 @@ class DataConfig:
 
     text_path: str = ""
     """Plain .txt (one document per line) or .jsonl (field "text") file of text to mix; required when
-    text_mix_ratio > 0."""
-
-    text_tokenizer: str = ""
-    """Tokenizer (tokenizer.json or a directory) for `text_path`; must be the one the shards were made with.
-    Empty: the NeoX BPE default of `t2i_ds.data.tokenizers`."""
+    text_mix_ratio > 0. Tokenized with the run's `train.text_tokenizer`."""
 
     max_broken_fraction: float = 0.01
     """Broken records (corrupt member, bad dtype/shape/range/JSON) are skipped and counted; once more than

@@ -116,8 +116,8 @@ def _expected_count(shard: str) -> int:
 class _Slot:
     """The deterministic stream of one (rank, worker) slot; see the module docstring."""
 
-    def __init__(self, cfg: DataConfig, vocab: Vocab, shards: list[str], slot: int, n_slots: int):
-        self.cfg, self.vocab, self.shards = cfg, vocab, shards
+    def __init__(self, cfg: DataConfig, vocab: Vocab, shards: list[str], slot: int, n_slots: int, text_tokenizer: str = ""):
+        self.cfg, self.vocab, self.shards, self.text_tokenizer = cfg, vocab, shards, text_tokenizer
         self.slot, self.n_slots = slot, n_slots
         self.stats: Counter = Counter()  # records, samples, text_samples, broken:<reason>, ...
         self._last_bad_shard = ""
@@ -254,18 +254,18 @@ class _Slot:
 
     def _text_stream(self) -> "_TextStream":
         if self._text is None:
-            self._text = _TextStream(self.cfg, self.slot, self.n_slots, self.vocab)
+            self._text = _TextStream(self.cfg, self.slot, self.n_slots, self.vocab, self.text_tokenizer)
         return self._text
 
 
 class _TextStream:
     """Documents of `text_path` with index % n_slots == slot, cycled; tokenized on demand."""
 
-    def __init__(self, cfg: DataConfig, slot: int, n_slots: int, vocab: Vocab):
+    def __init__(self, cfg: DataConfig, slot: int, n_slots: int, vocab: Vocab, text_tokenizer: str = ""):
         from t2i_ds.data.tokenizers import TextTokenizer
 
         self.path = cfg.text_path
-        self.tokenizer = TextTokenizer(cfg.text_tokenizer or None)
+        self.tokenizer = TextTokenizer(text_tokenizer or None)
         if self.tokenizer.vocab_size > vocab.real_text_size:
             raise ValueError(
                 f"text tokenizer {self.tokenizer.name} has {self.tokenizer.vocab_size} ids, more than "
@@ -305,15 +305,16 @@ class _TextStream:
 class _SlotDataset(IterableDataset):
     """Runs the slot of (rank, DataLoader worker) and yields collated micro-batches with positions."""
 
-    def __init__(self, cfg, vocab, shards, micro_batch, rank, world_size, start: dict[int, SlotPosition]):
-        self.cfg, self.vocab, self.shards = cfg, vocab, shards
+    def __init__(self, cfg, vocab, shards, micro_batch, rank, world_size, start: dict[int, SlotPosition], text_tokenizer: str):
+        self.cfg, self.vocab, self.shards, self.text_tokenizer = cfg, vocab, shards, text_tokenizer
         self.micro_batch, self.rank, self.world_size, self.start = micro_batch, rank, world_size, start
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         per_rank = max(self.cfg.num_workers, 1)
-        slot = _Slot(self.cfg, self.vocab, self.shards, self.rank * per_rank + worker, self.world_size * per_rank)
+        slot = _Slot(self.cfg, self.vocab, self.shards, self.rank * per_rank + worker, self.world_size * per_rank,
+                     self.text_tokenizer)
         stream = slot.samples(self.start.get(worker, SlotPosition()))
         while True:
             rows = [next(stream) for _ in range(self.micro_batch)]
@@ -330,15 +331,18 @@ class TokenLoader:
     """Infinite iterator of {"input_ids": LongTensor [B, S], "targets": LongTensor [B, S]} for one rank.
 
     See the module docstring for the data order, the resume bound and broken-record handling.
-    `stats` sums the counters of this rank's workers as of the last batch received.
+    `stats` sums the counters of this rank's workers as of the last batch received. `text_tokenizer`
+    (tokenizer.json or a directory; empty: the NeoX default) tokenizes `cfg.text_path` for text mixing and
+    must be the one the shards were made with (the run's `train.text_tokenizer`).
     """
 
-    def __init__(self, cfg: DataConfig, vocab: Vocab, micro_batch: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: DataConfig, vocab: Vocab, micro_batch: int, rank: int = 0, world_size: int = 1,
+                 text_tokenizer: str = ""):
         if micro_batch <= 0:
             raise ValueError(f"micro_batch={micro_batch} must be positive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.cfg, self.vocab = cfg, vocab
+        self.cfg, self.vocab, self.text_tokenizer = cfg, vocab, text_tokenizer
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.shards = list_shards(cfg.path)
         self._positions: dict[int, SlotPosition] = {}
@@ -380,7 +384,8 @@ class TokenLoader:
 
     def _make_dataloader(self) -> DataLoader:
         ds = _SlotDataset(
-            self.cfg, self.vocab, self.shards, self.micro_batch, self.rank, self.world_size, dict(self._positions)
+            self.cfg, self.vocab, self.shards, self.micro_batch, self.rank, self.world_size, dict(self._positions),
+            self.text_tokenizer,
         )
         n = self.cfg.num_workers
         return DataLoader(

@@ -6,7 +6,10 @@ Inputs (`--input`):
   * a folder of images with same-name `.txt` captions, or a CSV / parquet of (image path, caption):
     sorted, cut into chunks of `--samples-per-shard`; chunk i -> output shard i.
 Output shard i is a pure function of input unit i, so a killed run resumes exactly by skipping the
-output shards that exist (they appear atomically). Ranks take units i with i % world_size == rank.
+output shards that exist (they appear atomically); on start, the temporaries a killed writer left in the
+output directory are removed (`t2i_ds.atomic.clean_stale_temporaries`). Ranks take units i with
+i % world_size == rank. Each skipped source record is listed with its reason beside its shard and, merged,
+in `skipped.jsonl` (t2i_ds.data.shards).
 """
 
 from __future__ import annotations
@@ -19,9 +22,7 @@ import json
 import logging
 import os
 import re
-import signal
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,21 +32,24 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from t2i_ds.atomic import clean_stale_temporaries
 from t2i_ds.data.images import SkipImage, describe_image_tokenizer, load_and_prepare, load_image_tokenizer
 from t2i_ds.data.shards import (
     MANIFEST,
     ShardSample,
+    SkippedRecord,
     list_shards,
     read_manifest,
     shard_name,
     write_manifest,
     write_shard,
+    write_skipped_list,
 )
 from t2i_ds.data.tokenizers import TextTokenizer
+from t2i_ds.progress import Progress
 
 log = logging.getLogger("t2i_ds.prepare")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-KILL_AFTER_ENV = "T2I_DS_PREPARE_KILL_AFTER_SHARDS"  # tests: SIGKILL this process after N shards
 
 
 @dataclass
@@ -133,7 +137,7 @@ def _tar_reader(path: str) -> Callable[[], Iterator[RawRecord]]:
         for s in wds.tariterators.tarfile_samples([{"url": path}], handler=on_error):
             yield _tar_record(s)
         if errors:
-            yield RawRecord("", None, lambda: b"", {"_error": "corrupt_input_tar"})
+            yield RawRecord(safe_key(Path(path).name), None, lambda: b"", {"_error": "corrupt_input_tar"})
 
     return records
 
@@ -187,17 +191,18 @@ class Preparer:
         meta = {"source_shard": unit, "width": w, "height": h, "mode": mode, **extra}
         return Prepared(rec.key, image, rec.caption or "", meta)
 
-    def shard_samples(self, unit: InputUnit) -> tuple[list[ShardSample], Counter]:
-        skipped: Counter = Counter()
+    def shard_samples(self, unit: InputUnit) -> tuple[list[ShardSample], list[SkippedRecord]]:
+        """The samples of one input unit, and the records skipped with their reasons."""
+        skipped: list[SkippedRecord] = []
         samples: list[ShardSample] = []
         seen: set[str] = set()
         batch: list[Prepared] = []
-        for item in self._decoded(unit):
+        for rec, item in self._decoded(unit):
             if isinstance(item, str):
-                skipped[item] += 1
+                skipped.append(SkippedRecord(rec.key, item, unit.name))
                 continue
             if item.key in seen:
-                skipped["duplicate_key"] += 1
+                skipped.append(SkippedRecord(item.key, "duplicate_key", unit.name))
                 continue
             seen.add(item.key)
             batch.append(item)
@@ -208,12 +213,12 @@ class Preparer:
             samples += self._tokenize(batch)
         return samples, skipped
 
-    def _decoded(self, unit: InputUnit) -> Iterator[Prepared | str]:
+    def _decoded(self, unit: InputUnit) -> Iterator[tuple[RawRecord, Prepared | str]]:
         # Decode a few batches at a time: pool.map submits everything it is given, and a 10k-image shard of
         # (3, 256, 256) float tensors would hold ~8 GB.
         records = unit.records()
         while chunk := list(itertools.islice(records, 4 * self.batch_size)):
-            yield from self.pool.map(lambda r: self._decode(r, unit.name), chunk)
+            yield from zip(chunk, self.pool.map(lambda r: self._decode(r, unit.name), chunk))
 
     def _tokenize(self, batch: list[Prepared]) -> list[ShardSample]:
         codes = self.image_tok.encode(torch.stack([p.image for p in batch]))  # (B, T) int64
@@ -264,24 +269,26 @@ def run(args: argparse.Namespace) -> dict:
     check_manifest_compatible(out, meta)
     units = list_inputs(args.input, args.samples_per_shard, args.image_col, args.caption_col)
     mine = [i for i in range(len(units)) if i % world == rank]
+    todo = [i for i in mine if not (out / shard_name(args.prefix, i)).exists()]  # finished shards appear atomically
+    for tmp in clean_stale_temporaries(out):
+        log.info("removed %s (left by a killed writer)", tmp.name)
     prep = Preparer(image_tok, text_tok, args.image_size, args.small_images, args.batch_size, args.decode_workers)
-    kill_after = int(os.environ.get(KILL_AFTER_ENV, 0))
-    done = images = 0
+    images = 0
     t0 = time.time()
-    log.info("rank %d/%d: %d of %d input units on %s", rank, world, len(mine), len(units), device)
-    for i in mine:
-        path = out / shard_name(args.prefix, i)
-        if path.exists():  # finished by an earlier run: shards appear atomically
-            continue
-        samples, skipped = prep.shard_samples(units[i])
-        write_shard(path, samples, skipped)
-        write_manifest(out, meta, prefix=args.prefix)
-        done += 1
-        images += len(samples)
-        rate = images / max(time.time() - t0, 1e-9)
-        log.info("shard %s: %d samples, skipped %s | %d/%d units, %.1f images/s", path.name, len(samples), dict(skipped), done, len(mine), rate)
-        if kill_after and done >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+    log.info("rank %d/%d: %d of %d input units on %s, %d already done", rank, world, len(mine), len(units), device,
+             len(mine) - len(todo))
+    with Progress(len(mine), "prepare", "shards", rank=rank, initial=len(mine) - len(todo)) as bar:
+        for i in todo:
+            path = out / shard_name(args.prefix, i)
+            samples, skipped = prep.shard_samples(units[i])
+            write_shard(path, samples, skipped)
+            write_manifest(out, meta, prefix=args.prefix)
+            images += len(samples)
+            bar.set_postfix(f"{images} images, {images / max(time.time() - t0, 1e-9):.1f} images/s")
+            bar.update(1)
+            log.debug("shard %s: %d samples, %d skipped", path.name, len(samples), len(skipped))
     manifest = write_manifest(out, meta, prefix=args.prefix)
+    skipped_file, n_skipped = write_skipped_list(out, prefix=args.prefix)
     manifest["this_run"] = {"images": images, "seconds": time.time() - t0}
+    manifest["skipped_list"] = {"path": str(skipped_file), "records": n_skipped}
     return manifest

@@ -12,8 +12,10 @@ Codes and ids are raw tokenizer outputs: the Vocab adds its offsets (image id = 
 builds training sequences, so one set of shards serves any vocabulary layout.
 
 Every finished shard has a sidecar `{prefix}-{index:06d}.stats.json` (sample count, caption-length
-histogram, skip counts) and `manifest.json` summarises the directory: format, image tokenizer (name,
-codebook_size, grid, image_size), text tokenizer (name/path, vocab_size), shards with sample counts, totals.
+histogram, skip counts) and, when `prepare` skipped source records, `{prefix}-{index:06d}.skipped.jsonl`
+(one `{"key", "reason", "source"}` a line); `manifest.json` summarises the directory: format, image tokenizer
+(name, codebook_size, grid, image_size), text tokenizer (name/path, vocab_size), shards with sample counts,
+totals, and `skipped.jsonl` merges the skip lists of all shards (`write_skipped_list`).
 Every file is written to a temporary name and renamed, so a killed writer never leaves a partial `.tar`
 and readers only ever see finished shards; the manifest is rebuilt from the sidecars after each shard.
 """
@@ -28,7 +30,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -36,6 +38,7 @@ from t2i_ds.atomic import atomic_write_bytes
 
 FORMAT = "t2i_ds.tokens.v1"
 MANIFEST = "manifest.json"
+SKIPPED = "skipped.jsonl"  # every shard's skipped records, merged (a per-shard sidecar is the source)
 MEMBERS = ("codes.npy", "ids.npy", "txt", "json")  # member suffixes of one sample, in tar order
 MAX_CODE = np.iinfo(np.uint16).max  # codes are stored as uint16: codebooks up to 65,536 entries
 
@@ -49,6 +52,18 @@ class ShardSample:
     caption_ids: np.ndarray  # [n] text token ids, untruncated
     caption: str
     meta: dict = field(default_factory=dict)  # source_shard, width, height, ...
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A source record that produced no sample: its key, why, and where it came from."""
+
+    key: str
+    reason: str  # e.g. "undecodable", "too_small", "no_image", "duplicate_key", "corrupt_input_tar"
+    source: str = ""  # the input unit (input shard, folder/CSV chunk)
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "reason": self.reason, "source": self.source}
 
 
 @dataclass
@@ -95,6 +110,12 @@ def stats_path(shard_path: str | Path) -> Path:
     """`.../tokens-000003.tar` -> `.../tokens-000003.stats.json`."""
     p = Path(shard_path)
     return p.with_name(p.name[: -len(".tar")] + ".stats.json")
+
+
+def skipped_path(shard_path: str | Path) -> Path:
+    """`.../tokens-000003.tar` -> `.../tokens-000003.skipped.jsonl`."""
+    p = Path(shard_path)
+    return p.with_name(p.name[: -len(".tar")] + ".skipped.jsonl")
 
 
 def list_shards(spec: str | Path) -> list[str]:
@@ -160,16 +181,21 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(
-    path: str | Path, samples: Iterable[ShardSample], skipped: Mapping[str, int] | None = None
-) -> ShardStats:
-    """Write `samples` as one shard at `path` (atomically, with its `.stats.json` sidecar); return its stats.
+def _jsonl_bytes(rows: Iterable[Mapping]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
 
-    `skipped` (reason -> count) records source records that produced no sample; it lands in the sidecar.
-    The sidecar is renamed into place before the tar, so a finished `.tar` always has its stats.
+
+def write_shard(
+    path: str | Path, samples: Iterable[ShardSample], skipped: Sequence[SkippedRecord] = ()
+) -> ShardStats:
+    """Write `samples` as one shard at `path` (atomically, with its sidecars); return its stats.
+
+    `skipped`: the source records that produced no sample. Their count per reason lands in the
+    `.stats.json` sidecar, the records themselves in `.skipped.jsonl` (written only when there are any).
+    Sidecars are renamed into place before the tar, so a finished `.tar` always has them.
     """
     path = Path(path)
-    stats = ShardStats(name=path.name, skipped=Counter(skipped or {}))
+    stats = ShardStats(name=path.name, skipped=Counter(r.reason for r in skipped))
     buf = io.BytesIO()
     seen: set[str] = set()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -185,6 +211,10 @@ def write_shard(
             _add_member(tar, f"{s.key}.json", json.dumps(meta, sort_keys=True).encode())
             stats.add(s)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if skipped:
+        atomic_write_bytes(skipped_path(path), _jsonl_bytes(r.to_json() for r in skipped))
+    else:  # a redone shard that no longer skips anything must not keep an old list
+        skipped_path(path).unlink(missing_ok=True)
     _atomic_write_json(stats_path(path), stats.to_json())
     atomic_write_bytes(path, buf.getvalue())
     return stats
@@ -263,6 +293,19 @@ def write_manifest(out_dir: str | Path, meta: Mapping[str, Any], prefix: str = "
     }
     _atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def write_skipped_list(out_dir: str | Path, prefix: str = "tokens") -> tuple[Path, int]:
+    """Merge the finished shards' `.skipped.jsonl` sidecars into `out_dir/skipped.jsonl` (one
+    `{"shard", "key", "reason", "source"}` a line, in shard order; atomic). Returns (path, records)."""
+    out_dir = Path(out_dir)
+    rows = []
+    for shard in _finished(out_dir, prefix):
+        side = skipped_path(shard)
+        if side.is_file():
+            rows += [{"shard": shard.name, **json.loads(line)} for line in side.read_text().splitlines() if line]
+    atomic_write_bytes(out_dir / SKIPPED, _jsonl_bytes(rows))
+    return out_dir / SKIPPED, len(rows)
 
 
 def _finished(out_dir: Path, prefix: str) -> list[Path]:

@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_data(out: Path, args) -> Path:
     data = out / "data"
-    if (data / demo_data.VOCAB_FILE).is_file() and (data / "val.jsonl").is_file():
+    if (data / demo_data.VOCAB_FILE).is_file() and (data / demo_data.VAL_CAPTIONS).is_file():
         print(f"[demo] data: reusing {data}")
         return data
     t = time.perf_counter()
@@ -56,11 +56,10 @@ def make_data(out: Path, args) -> Path:
 
 
 def train_command(out: Path, data: Path, args) -> tuple[list[str], dict]:
-    captions = [json.loads(line)["caption"] for line in (data / "val.jsonl").read_text().splitlines()[:8]]
+    captions = [json.loads(line)["caption"] for line in (data / demo_data.VAL_CAPTIONS).read_text().splitlines()[:8]]
     sets = demo_data.train_overrides(data) + [
         f"train.sample_every={max(1, args.steps // 4)}", f"train.sample_captions={json.dumps(captions)}",
         f"train.run_dir={out / 'train'}", f"train.steps={args.steps}",
-        f"train.image_tokenizer=demo:{data / 'image_tokenizer'}", f"train.text_tokenizer={data / 'tokenizer.json'}",
         f"train.seed={args.seed}", "train.resume=auto" if args.resume else "train.resume=never",
     ]
     cuda = torch.cuda.is_available()
@@ -95,12 +94,12 @@ def sample_and_score(out: Path, data: Path, args) -> dict:
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     run = load_run(out / "train")
-    ids, attrs = demo_data.read_val_captions(data / "val.jsonl")
+    ids, attrs = demo_data.read_val_captions(data / demo_data.VAL_CAPTIONS)
     t = time.perf_counter()
     codes = generate_images(run.model, run.vocab, ids, cfg_scale=args.cfg_scale, top_k=args.top_k, seed=args.seed)
     images = to_uint8(run.image_tokenizer.decode(codes))  # (N, H, W, 3) uint8
     score = consistency_score(images, attrs)
-    captions = [json.loads(line)["caption"] for line in (data / "val.jsonl").read_text().splitlines()]
+    captions = [json.loads(line)["caption"] for line in (data / demo_data.VAL_CAPTIONS).read_text().splitlines()]
     save_grid(images[: args.grid], out / "samples.png", nrow=8, captions=captions[: args.grid])
     score["sample_seconds"] = time.perf_counter() - t
     (out / "results.json").write_text(json.dumps(score, indent=2))

@@ -9,9 +9,10 @@
     out_dir/image_tokenizer/      the patch k-means image tokenizer (demo_tokenizer.PatchKMeansTokenizer)
     out_dir/demo_vocab.json       the Vocab fields (text ids, codebook size, tokens per image, seq_len)
 
-Sizes were chosen so that a 4-layer, dim-128 model learns the colour of captions on two CPU cores in a
-few minutes (benchmarks/demo_sizing.py): 32 x 32 images, 4 x 4 patches -> 64 tokens per image, 256
-codes, 36 text ids (34 words + [PAD] + [UNK]), sequences of 64 + 6 + 11 = 81 tokens.
+Sizes (`DemoSizes`, the one place they are written) were chosen so that a 4-layer, dim-128 model learns
+the colour of captions on two CPU cores in a few minutes (benchmarks/demo_sizing.py): 32 x 32 images,
+4 x 4 patches -> 64 tokens per image, 256 codes, 64 text rows of which the word-level tokenizer uses 36
+(34 words + [PAD] + [UNK]), sequences of 64 + 6 + 11 = 81 tokens (`demo_vocab` derives the last three).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +35,24 @@ from t2i_ds.data.shards import TokenShardWriter
 from t2i_ds.vocab import Vocab
 
 PAD, UNK = "[PAD]", "[UNK]"
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """The demo's sizes; everything else (tokens per image, ids the tokenizer uses, seq_len) is derived."""
+
+    image_px: int = shapes.IMAGE_SIZE
+    """Pixels per image side."""
+    patch: int = 4
+    """Pixels per patch side of the k-means image tokenizer (one token per patch)."""
+    codebook_size: int = 256
+    """Image codes (k-means centroids)."""
+    text_size: int = 64
+    """Text rows of the vocabulary (at least the word-level tokenizer's 36 ids)."""
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image_px // self.patch) ** 2
 TEXT_TOKENIZER = "tokenizer.json"
 IMAGE_TOKENIZER = "image_tokenizer"
 VOCAB_FILE = "demo_vocab.json"
@@ -63,16 +83,18 @@ def max_caption_tokens(tok: Tokenizer) -> int:
     return max(lengths)
 
 
-def demo_vocab(tok: Tokenizer, image_tok: PatchKMeansTokenizer, text_size: int = 64) -> Vocab:
-    """Vocab of the demo: `text_size` text rows (>= the word count), the codebook, one image's tokens."""
+def demo_vocab(sizes: DemoSizes = DemoSizes(), tok: Tokenizer | None = None) -> Vocab:
+    """Vocab of the demo: `sizes.text_size` text rows (>= the word count), the codebook, one image's tokens,
+    and room for the longest caption."""
+    tok = tok or build_text_tokenizer()
     n_words = tok.get_vocab_size()
-    if text_size < n_words:
-        raise ValueError(f"text_size={text_size} is smaller than the {n_words} words of the demo tokenizer")
-    seq_len = image_tok.tokens_per_image + 6 + max_caption_tokens(tok)
+    if sizes.text_size < n_words:
+        raise ValueError(f"text_size={sizes.text_size} is smaller than the {n_words} words of the demo tokenizer")
+    seq_len = sizes.tokens_per_image + 6 + max_caption_tokens(tok)
     return Vocab(
-        text_size=text_size,
-        image_size=image_tok.codebook_size,
-        image_tokens=image_tok.tokens_per_image,
+        text_size=sizes.text_size,
+        image_size=sizes.codebook_size,
+        image_tokens=sizes.tokens_per_image,
         seq_len=seq_len,
         pad_id=tok.token_to_id(PAD),
         real_text_size=n_words,
@@ -87,10 +109,13 @@ def load_demo_vocab(path: str | os.PathLike) -> Vocab:
 
 
 def train_overrides(data_dir: str | os.PathLike) -> list[str]:
-    """`--set` overrides pointing the `demo` run preset at a generated data set: its Vocab sizes and shards."""
+    """`--set` overrides pointing the `demo` run preset at a generated data set: its Vocab sizes, shards and
+    tokenizers."""
     data = Path(data_dir)
     vocab = json.loads((data / VOCAB_FILE).read_text())
-    return [f"vocab.{k}={v}" for k, v in vocab.items()] + [f"data.path={data / 'train'}"]
+    return [f"vocab.{k}={v}" for k, v in vocab.items()] + [
+        f"data.path={data / 'train'}", f"train.image_tokenizer=demo:{data / IMAGE_TOKENIZER}",
+        f"train.text_tokenizer={data / TEXT_TOKENIZER}"]
 
 
 def encode_images(image_tok: PatchKMeansTokenizer, images: np.ndarray, batch: int = 1024) -> np.ndarray:
@@ -129,27 +154,23 @@ def make_demo_dataset(
     n_train: int,
     n_val: int,
     seed: int,
-    *,
-    image_size: int = 32,
-    patch: int = 4,
-    codebook_size: int = 256,
-    text_size: int = 64,
+    sizes: DemoSizes = DemoSizes(),
 ) -> dict:
     """Generate, tokenize and write the demo data set (layout in the module docstring); return a summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = shapes.generate(n_train, seed, image_size)
-    val = shapes.generate(n_val, seed + 1, image_size)  # another stream: images never seen in training
+    train = shapes.generate(n_train, seed, sizes.image_px)
+    val = shapes.generate(n_val, seed + 1, sizes.image_px)  # another stream: images never seen in training
     text_tok = build_text_tokenizer()
     text_tok.save(str(out / TEXT_TOKENIZER))
     train_images = np.stack([s.image for s in train])  # (N, S, S, 3)
-    image_tok = PatchKMeansTokenizer.fit(to_tensor(train_images), codebook_size, patch, seed)
+    image_tok = PatchKMeansTokenizer.fit(to_tensor(train_images), sizes.codebook_size, sizes.patch, seed)
     image_tok.save(out / IMAGE_TOKENIZER)
-    vocab = demo_vocab(text_tok, image_tok, text_size)
-    (out / VOCAB_FILE).write_text(json.dumps(dataclasses.asdict(vocab), indent=2))
+    vocab = demo_vocab(sizes, text_tok)
+    atomic_write_text(out / VOCAB_FILE, json.dumps(dataclasses.asdict(vocab), indent=2))
     meta = {
         "image_tokenizer": {"name": "patch_kmeans", "path": str(out / IMAGE_TOKENIZER), "codebook_size": image_tok.codebook_size,
-                            "grid": list(image_tok.grid), "image_size": image_size},
+                            "grid": list(image_tok.grid), "image_size": sizes.image_px},
         "text_tokenizer": {"name": "demo_words", "path": str(out / TEXT_TOKENIZER), "vocab_size": text_tok.get_vocab_size()},
     }
     for split, samples in (("train", train), ("val", val)):

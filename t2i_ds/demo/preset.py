@@ -5,23 +5,27 @@ benchmarks/demo_sizing.py: batch 16, LR 2e-3, 1,000 steps give a colour consiste
 CFG 3 after ~2 minutes of plain-torch training on 2 CPU cores).
 """
 
+import dataclasses
+
 from t2i_ds.config import Config, ModelConfig, OptimConfig, TrainConfig, VocabConfig, register_preset
 from t2i_ds.data.config import DataConfig
+from t2i_ds.demo.data import IMAGE_TOKENIZER, TEXT_TOKENIZER, demo_vocab
 
 DEMO_DIR = "runs/demo"
 
 
 def demo() -> Config:
-    """The demo model on the demo shards (vocab sizes as make_demo_dataset writes them)."""
-    seq_len = 81  # 64 image tokens (32 px / 4 px patches) + 6 specials + 11 caption words
+    """The demo model on the demo shards (the Vocab that make_demo_dataset writes with the default DemoSizes)."""
+    vocab = VocabConfig(**dataclasses.asdict(demo_vocab()))  # seq_len 81: 64 image tokens + 6 specials + 11 words
+    seq_len = vocab.seq_len
     return Config(
-        vocab=VocabConfig(text_size=64, image_size=256, image_tokens=64, seq_len=seq_len, pad_id=0, real_text_size=36),
+        vocab=vocab,
         model=ModelConfig(preset="demo", overrides={"loss_impl": "torch"}),
         optim=OptimConfig(lr=2e-3, warmup_steps=50, min_lr_ratio=0.1),
         train=TrainConfig(
             tokens_per_step=16 * seq_len, micro_batch=8, steps=1000, log_every=50, ckpt_every=500,
-            run_dir=f"{DEMO_DIR}/train", image_tokenizer=f"demo:{DEMO_DIR}/data/image_tokenizer",
-            text_tokenizer=f"{DEMO_DIR}/data/tokenizer.json",
+            run_dir=f"{DEMO_DIR}/train", image_tokenizer=f"demo:{DEMO_DIR}/data/{IMAGE_TOKENIZER}",
+            text_tokenizer=f"{DEMO_DIR}/data/{TEXT_TOKENIZER}",
         ),
         data=DataConfig(path=f"{DEMO_DIR}/data/train", caption_dropout=0.1, num_workers=0, shuffle_buffer=1000),
     )

@@ -41,6 +41,7 @@ TEMPLATES = (  # {pos}: "top left" ... "center"; {pos_h}: "top-left" ... "center
     "a {shape} in {color} at the {pos} of the image",
 )
 PUNCTUATION = (":", ",", "-")
+IMAGE_SIZE = 32  # pixels per side of the demo's images (t2i_ds.demo.data.DemoSizes)
 
 _FG_MIN_DIST = 60.0  # a pixel this far (RGB L2) from the background is foreground
 _CONFIDENT_DIST = 70.0  # a foreground pixel this close to a palette colour votes for it
@@ -136,12 +137,12 @@ def render(attrs: ShapeAttributes, size: int, rng: np.random.Generator) -> np.nd
     return image
 
 
-def random_sample(rng: np.random.Generator, size: int = 32) -> ShapeSample:
+def random_sample(rng: np.random.Generator, size: int = IMAGE_SIZE) -> ShapeSample:
     attrs = random_attributes(rng)
     return ShapeSample(render(attrs, size, rng), caption(attrs, rng), attrs)
 
 
-def generate(n: int, seed: int, size: int = 32) -> list[ShapeSample]:
+def generate(n: int, seed: int, size: int = IMAGE_SIZE) -> list[ShapeSample]:
     """`n` samples, a pure function of (n, seed, size)."""
     rng = np.random.default_rng(seed)
     return [random_sample(rng, size) for _ in range(n)]

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from t2i_ds.atomic import atomic_open
+from t2i_ds.progress import Progress
 from t2i_ds.provenance import git_revision
 
 INCEPTION_SIZE = 299  # Inception-v3 input side; clean-fid resizes to it outside the network
@@ -284,16 +285,16 @@ class _ImageFiles(torch.utils.data.Dataset):
             return preprocess(img.convert("RGB"), self.resize)  # (3, 299, 299)
 
 
-def folder_stats(folder, extractor: FeatureExtractor, resize: int | None, batch_size: int = 64, workers: int = 0,
-                 log: Callable[[str], None] = print) -> GaussianStats:
-    """Statistics of every image under `folder`, preprocessed as the protocol says."""
+def folder_stats(folder, extractor: FeatureExtractor, resize: int | None, batch_size: int = 64,
+                 workers: int = 0) -> GaussianStats:
+    """Statistics of every image under `folder`, preprocessed as the protocol says (with a progress display)."""
     files = list_images(folder)
     loader = torch.utils.data.DataLoader(_ImageFiles(files, resize), batch_size=batch_size, num_workers=workers)
-    stats, t = RunningStats(), time.perf_counter()
-    for i, batch in enumerate(loader):
-        stats.update(extractor(batch))
-        if (i + 1) % 50 == 0:
-            log(f"[fid] reference: {stats.n}/{len(files)} images ({time.perf_counter() - t:.0f} s)")
+    stats = RunningStats()
+    with Progress(len(files), "[fid] reference features", "images") as bar:
+        for batch in loader:
+            stats.update(extractor(batch))
+            bar.update(len(batch))
     return stats.result()
 
 
@@ -337,7 +338,7 @@ def reference_stats(reference, extractor: FeatureExtractor, resize: int | None, 
         log(f"[fid] reference statistics: {cache} (cached, n={stats.n})")
     else:
         log(f"[fid] reference statistics: computing over {key['reference_files']} images of {reference}")
-        stats = folder_stats(reference, extractor, resize, batch_size, workers, log)
+        stats = folder_stats(reference, extractor, resize, batch_size, workers)
         stats.meta = key
         stats.save(cache)
         source = "computed"

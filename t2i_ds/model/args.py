@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
+from t2i_ds.vocab import tiny_vocab
 from t2i_kernels.cross_entropy import IMPLS as LOSS_IMPLS  # one list: the dispatcher's
 
 NORM_TYPES = ("layer_norm", "gain_only_layer_norm", "rms_norm")
@@ -90,9 +91,10 @@ def _open_lm(dim: int, n_layers: int, n_heads: int) -> Callable[[], ModelArgs]:
 
 
 PRESETS: dict[str, Callable[[], ModelArgs]] = {
-    # A few-second model for tests and the CPU demo.
-    "debug": lambda: ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=370, seq_len=64),
-    "demo": lambda: ModelArgs(dim=128, n_layers=4, n_heads=4, vocab_size=370, seq_len=128),
+    # A few-second model for tests (sized for t2i_ds.vocab.tiny_vocab) and the CPU demo (its run preset sets
+    # vocab_size from the demo's Vocab, as every run does).
+    "debug": lambda: ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tiny_vocab().size, seq_len=64),
+    "demo": lambda: ModelArgs(dim=128, n_layers=4, n_heads=4, seq_len=128),
     # open_lm/model_configs at HEAD (correct rotary, LayerNorm with bias).
     "open_lm_11m": _open_lm(96, 12, 12),
     "open_lm_25m": _open_lm(192, 12, 12),

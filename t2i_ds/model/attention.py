@@ -110,7 +110,9 @@ def _triton(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
 
 
 def _eager(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-    from t2i_kernels.flash_attn import attention_ref  # the kernels' own reference: one baseline, never forked
+    # The kernels' own reference, so tests and "eager" share one unmasked baseline; attention_ref takes no
+    # key-padding mask, so the masked path has its own fp32 reference, _eager_masked.
+    from t2i_kernels.flash_attn import attention_ref
 
     return attention_ref(q, k, v, causal)
 

@@ -22,7 +22,6 @@ from t2i_ds.vocab import SPECIAL_NAMES, Vocab
 
 PREFIXES = ("module.", "_orig_mod.")
 EMBED_KEYS = ("tok_embeddings.weight", "output.weight")
-INIT_MODES = ("random", "mean")
 
 
 class CheckpointMismatch(ValueError):
@@ -102,7 +101,7 @@ def new_rows(old: torch.Tensor, n_new: int, init: str, generator: torch.Generato
     elif init == "mean":
         rows = old.float().mean(0, keepdim=True).expand(n_new, dim).clone()
     else:
-        raise ValueError(f"unknown row init {init!r}; choose one of {INIT_MODES}")
+        raise ValueError(f"unknown row init {init!r}; choose 'random' or 'mean'")
     return rows.to(old.dtype)
 
 

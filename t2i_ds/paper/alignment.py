@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from t2i_ds.model.checkpoint import ROWS_KEY, new_rows
+from t2i_ds.progress import Progress
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps exp(s) at 100
@@ -145,6 +146,7 @@ def train_alignment(
     opt = torch.optim.AdamW([model.image_rows, model.logit_scale], lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = batch_indices(len(codes), min(cfg.batch_size, len(codes)), cfg.steps, cfg.seed)
     losses = []
+    bar = Progress(cfg.steps, "align", "steps")
     for step, idx in enumerate(batches, start=1):
         ids, offsets = flatten_captions([captions[i] for i in idx.tolist()], model.text_rows.device)
         loss, acc = model(codes[idx].long().to(device), ids, offsets)
@@ -157,6 +159,9 @@ def train_alignment(
             writer.add_scalar("align/loss", losses[-1], step)
             writer.add_scalar("align/temperature", model.temperature, step)
             writer.add_scalar("align/accuracy", acc.item(), step)
+        bar.set_postfix(f"loss {losses[-1]:.4f}")
+        bar.update(1)
+    bar.close()
     return AlignResult(model.image_rows.detach().cpu(), model.temperature, losses)
 
 

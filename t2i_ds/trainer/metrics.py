@@ -1,8 +1,8 @@
 """Metrics accumulated on device and written to TensorBoard on rank 0 at log intervals only.
 
 Per step the loop adds detached device tensors (loss sums and target counts per modality); the
-single host-device sync happens in `flush`, every `log_every` steps, where the window's sums are
-all-reduced across ranks and turned into loss / perplexity per modality.
+window's host-device sync happens in `MetricWindow.reduce`, every `log_every` steps, where its sums are
+all-reduced across ranks and turned into loss / perplexity per modality (`loss_metrics`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ PPL_CAP = 80.0  # exp() of a loss above this overflows float formatting; report 
 
 
 class MetricWindow:
-    """Sums over the steps since the last flush, on the training device."""
+    """Sums over the steps since the last `reset`, on the training device."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -30,7 +30,6 @@ class MetricWindow:
         m = len(MODALITY_NAMES)
         self.sums = torch.zeros(m, dtype=torch.float64, device=self.device)
         self.counts = torch.zeros(m, dtype=torch.float64, device=self.device)
-        self.steps = 0
         self.tokens = 0  # input tokens processed by this rank (host int, known from shapes)
         self.t0 = time.perf_counter()
 

@@ -98,7 +98,8 @@ class Trainer:
             return SyntheticBatches(self.vocab, self.plan.micro_batch, self.plan.grad_accum, self.rank, self.world, t.seed)
         from t2i_ds.data.loader import TokenLoader
 
-        return TokenLoader(self.cfg.data, self.vocab, self.plan.micro_batch, self.rank, self.world)
+        return TokenLoader(self.cfg.data, self.vocab, self.plan.micro_batch, self.rank, self.world,
+                           text_tokenizer=self.cfg.train.text_tokenizer)
 
     def _make_probes(self):
         """Forgetting probes (paper Table 1) when train.probe_every > 0."""
