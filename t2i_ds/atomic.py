@@ -2,8 +2,9 @@
 
 Every writer of checkpoints, shards, manifests, tokenizers and statistics goes through `atomic_path`:
 write to a hidden temporary sibling, fsync, rename over the target (atomic on POSIX); on error the
-temporary is removed. The temporary is created like any other file (mode 0o666 minus the umask, so 0644
-under the usual umask 022): the renamed file is as readable as one written with `open`.
+temporary is removed. The file gets the mode of any file written with `open` (0o666 minus the umask: 0644
+under the usual umask 022), also when the writer replaced the temporary with a private file of its own
+(safetensors' `save_file` writes 0600).
 
 A writer killed between create and rename (SIGKILL, node failure) leaves its temporary behind. Its name,
 `.{name}.{host}.{pid}.{random}.tmp`, tells whose it is: `clean_stale_temporaries` removes those whose writer
@@ -29,6 +30,20 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32] or "host"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc tells it (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    mask = os.umask(0o022)  # pragma: no cover
+    os.umask(mask)  # pragma: no cover
+    return mask  # pragma: no cover
+
+
 def _create_temporary(path: Path) -> Path:
     """Create (O_EXCL) an empty temporary sibling of `path` with the umask applied; return its path."""
     while True:
@@ -51,6 +66,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:  # flush the data to disk before the rename makes it visible
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # what `open` gives, whoever wrote the temporary
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

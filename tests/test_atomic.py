@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from t2i_ds.atomic import _host, atomic_open, atomic_path, atomic_write_bytes, clean_stale_temporaries
 
@@ -24,11 +25,16 @@ def test_mode_follows_the_umask_like_open(tmp_path, umask, mask, mode):
     atomic_write_bytes(tmp_path / "a.bin", b"x")
     with atomic_path(tmp_path / "b.bin") as tmp:  # a writer that opens the temporary itself (torch.save, np.savez)
         tmp.write_bytes(b"y")
+    with atomic_path(tmp_path / "c.safetensors") as tmp:  # one that replaces it with a private file of its own
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, str(tmp))
     with open(tmp_path / "plain.bin", "wb") as f:
         f.write(b"z")
-    for name in ("a.bin", "b.bin", "plain.bin"):
+    names = ["a.bin", "b.bin", "c.safetensors", "plain.bin"]
+    for name in names:
         assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(mode), name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin", "plain.bin"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # no temporary left
 
 
 def test_replacing_keeps_the_content_atomic_and_removes_the_temporary_on_error(tmp_path):

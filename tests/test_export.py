@@ -30,6 +30,9 @@ def test_zero3_checkpoint_exports_what_zero_to_fp32_gives(debug_run, tmp_path):
     ref = deepspeed_fp32(run, tmp_path / "ref")
     assert export_main(["--run-dir", str(run), "--out", str(tmp_path / "m.safetensors")]) == 0
     sd = read_state_dict(tmp_path / "m.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file
     assert set(sd) == set(ref) and len(ref) == 22  # 2 layers x (8 weights + rotary buffer), embeddings, norm, output
     for k in ref:
         assert sd[k].dtype == torch.float32 and torch.equal(sd[k], ref[k]), k
