@@ -385,10 +385,14 @@ def analyse_sass(body: str) -> dict:
     in_loop = [t for a, t in spills if any(lo <= a <= hi for lo, hi in loops)]
     hgmma = [t for _, t in instrs if re.search(r"\bHGMMA\.", t)]
     hmma = [t for _, t in instrs if re.search(r"\bHMMA\.", t)]
-    shapes = sorted({m.group(1) for t in hgmma + hmma if (m := re.search(r"H?G?MMA\.(\w+)", t))},
-                    key=lambda s: [int(x) for x in re.findall(r"\d+", s)][:2])
+    shapes = sorted({m.group(1) for t in hgmma + hmma if (m := re.search(r"H?G?MMA\.(\w+)", t))}, key=_mma_width)
     return {"hgmma": len(hgmma), "hmma": len(hmma), "mma_shapes": shapes,
             "spill_instrs": len(spills), "spill_instrs_in_loops": len(in_loop), "loops": len(loops)}
+
+
+def _mma_width(shape: str) -> int:
+    """Output columns per instruction: HGMMA "64x128x16" -> 128; HMMA "16816" (m16n8k16) or "1688" -> 8."""
+    return int(shape.split("x")[1]) if "x" in shape else 8
 
 
 def _compile_nvcc(entry: NvccEntry, arch: Arch) -> list[dict]:
@@ -435,11 +439,9 @@ def verdict(rec: dict) -> list[str]:
     return why
 
 
-def _worker(arch_name: str, names: list[str] | None, cache_dir: str | None, every_specialisation: bool = False,
-            ) -> list[dict]:
-    """All launch sites for one arch, in this process (one process per arch)."""
-    if cache_dir:
-        os.environ["TRITON_CACHE_DIR"] = cache_dir
+def run_entries(arch_name: str, entries: list[Entry], cuda_entries: list[NvccEntry],
+                every_specialisation: bool = False) -> list[dict]:
+    """Compile the given launch sites and CUDA sources for one arch, in this process; records with verdicts."""
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
@@ -453,15 +455,25 @@ def _worker(arch_name: str, names: list[str] | None, cache_dir: str | None, ever
     if not isinstance(fa._fwd_kernel, JITFunction):
         raise RuntimeError("kernels were decorated for the interpreter (TRITON_INTERPRET=1 before this module)")
     records, seen = [], {}
-    for entry in triton_entries():
-        if names is None or any(n in entry.name for n in names):
-            records += _compile_entry(entry, arch, seen, every_specialisation)
-    for entry in nvcc_entries():
-        if names is None or any(n in entry.name for n in names):
-            records += _compile_nvcc(entry, arch)
+    for entry in entries:
+        records += _compile_entry(entry, arch, seen, every_specialisation)
+    for entry in cuda_entries:
+        records += _compile_nvcc(entry, arch)
     for rec in records:
         rec["failures"] = verdict(rec)
     return records
+
+
+def _worker(arch_name: str, names: list[str] | None, cache_dir: str | None, every_specialisation: bool = False,
+            ) -> list[dict]:
+    """All selected launch sites for one arch (one process per arch)."""
+    if cache_dir:
+        os.environ["TRITON_CACHE_DIR"] = cache_dir
+
+    def chosen(entries):
+        return [e for e in entries if names is None or any(n in e.name for n in names)]
+
+    return run_entries(arch_name, chosen(triton_entries()), chosen(nvcc_entries()), every_specialisation)
 
 
 def markdown_table(records: list[dict]) -> str:

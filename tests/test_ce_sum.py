@@ -380,3 +380,28 @@ def test_peak_extra_memory_at_real_shape_under_1_gib():
     assert peak >= dw32 + chunk, "the tracker must see the fp32 accumulator and the logits chunk"
     assert peak <= 2**30, f"peak extra memory {peak / MiB:.0f} MiB > 1 GiB"
     assert outs[1].dtype == torch.bfloat16 and outs[2].shape == (V_REAL, H_REAL)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU: the real shape in bf16 (values, gradients, determinism, measured peak memory)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.requires_cuda
+def test_cuda_real_shape_sum_mode_bf16():
+    h, w, targets, g = make_problem(N_REAL, H_REAL, V_REAL, torch.bfloat16, ignore_frac=0.1, seed=11)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss_sum, _ = ce_sum.linear_cross_entropy_sum(hh, ww, targets, IGNORE, grad_pass="triton")
+    (g * loss_sum).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before        # includes the dh, dw results (297 MiB), as benchmarked
+    print(f"peak extra memory {peak / MiB:.0f} MiB")
+    assert peak <= 2**30
+    del hh, ww, loss_sum
+    out = check_sum_against_reference(sum_mode("triton", None, targets), h, w, targets, g)
+    again = run_sum(sum_mode("triton", None, targets), h, w, g)
+    for name, a, b in zip(("loss", "loss_sum", "dh", "dw"), out, again):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
