@@ -13,7 +13,7 @@
 #              linear_cross_entropy where present
 #   train      20 steps of open_lm-1b, bf16, micro-batch 8, no final checkpoint
 #   attention  the attention backends and fused elementwise kernels at B = 8
-# The limits add up to 535 s (< 9 minutes). $OUT receives at most 8 files: job.log, stages.jsonl, junit.xml,
+# The limits add up to 535 s (< 9 minutes; each stage gets SIGINT at its limit and SIGKILL 15 s later). $OUT receives at most 8 files: job.log, stages.jsonl, junit.xml,
 # fused_ce.jsonl, train.jsonl, attention.jsonl. Exit status: 0 when every stage passed, 1 otherwise.
 set -u -o pipefail
 
@@ -65,7 +65,8 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run under `timeout`, log, record rc 
   local t0 rc t1
   t0=$(date +%s)
   echo "=== $name (limit ${limit} s): $*" >> "$LOG"
-  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  # SIGINT first: pytest still writes its JUnit XML, the benchmarks keep the rows they appended; KILL 15 s later.
+  timeout --signal=INT --kill-after=15 "$limit" "$@" >> "$LOG" 2>&1
   rc=$?
   t1=$(date +%s)
   printf '{"stage": "%s", "rc": %d, "seconds": %d, "limit_s": %d, "mode": "%s", "commit": "%s"}\n' \
@@ -81,7 +82,8 @@ if [ "$MODE" = gpu ]; then
 fi
 
 mapfile -t CUDA_TESTS < <(grep -l "requires_cuda" tests/test_*.py)
-stage tests 140 "$PY" -m pytest -q -p no:cacheprovider -m requires_cuda --junitxml="$OUT/junit.xml" "${CUDA_TESTS[@]}"
+stage tests 140 "$PY" -m pytest -q -p no:cacheprovider -m requires_cuda --durations=15 --junitxml="$OUT/junit.xml" \
+  "${CUDA_TESTS[@]}"
 stage fused_ce 140 "$PY" benchmarks/bench_fused_ce.py "${SMOKE[@]}" --batches 8 --out "$OUT/fused_ce.jsonl" \
   --impls sum_triton triton eager compile liger cce torch_lce torch_lce_chunked
 stage train 150 "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/train.jsonl"

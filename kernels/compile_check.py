@@ -495,12 +495,30 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+BEGIN, END = "<!-- compile-table:begin -->", "<!-- compile-table:end -->"
+
+
+def update_readme(path: Path, table: str, report: dict) -> None:
+    """Put the table (and how it was made) between the markers of a markdown file, keeping the rest."""
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    stamp = (f"Triton {report['triton']}, torch {report['torch']}, {', '.join(report['archs'])}: "
+             f"{report['variants']} variants, {report['failed']} failed, {report['wall_s']:.0f} s wall "
+             f"(cold cache, --jobs 2).")
+    path.write_text(f"{head}{BEGIN}\n{stamp}\n\n{table}\n{END}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="sm_80,sm_90a", help=f"comma-separated, of {sorted(ARCHS)}")
     p.add_argument("--only", default=None, help="comma-separated substrings of launch-site names")
     p.add_argument("--json", type=Path, default=None, help="write the full report here")
     p.add_argument("--table", type=Path, default=None, help="write the markdown table here")
+    p.add_argument("--readme", type=Path, default=None,
+                   help="replace the table between the compile-table markers of this markdown file")
     p.add_argument("--jobs", type=int, default=2, help="processes (one arch each)")
     p.add_argument("--every-specialisation", action="store_true",
                    help="also compile variants that differ only in integer/alignment specialisation")
@@ -541,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
         args.table.write_text(table + "\n")
+    if args.readme:
+        update_readme(args.readme, table, report)
     return 1 if failed else 0
 
 

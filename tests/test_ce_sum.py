@@ -127,11 +127,13 @@ GRAD_PASSES = [pytest.param("torch"), pytest.param("triton", marks=in_process)]
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("grad_pass", GRAD_PASSES)
+@pytest.mark.parametrize("grad_pass,chunk_tokens", [("torch", 16), ("torch", None),
+                                                    pytest.param("triton", 16, marks=in_process)],
+                         ids=["torch-4_chunks", "torch-one_chunk", "triton-4_chunks"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("chunk_tokens", [16, None], ids=["4_chunks", "one_chunk"])
 def test_sum_matches_reference(grad_pass, dtype, chunk_tokens):
-    # N = 53 = 3 * 16 + 5: a ragged last chunk; H = 40, V = 370 (several pass blocks in the interpreter).
+    # N = 53 = 3 * 16 + 5: a ragged last chunk; H = 40, V = 370 (several pass blocks in the interpreter). The
+    # chunk loop is the driver's (shared by both passes); the Triton pass runs once per chunk.
     h, w, targets, g = make_problem(53, 40, V_SMALL, dtype)
     check_sum_against_reference(sum_mode(grad_pass, chunk_tokens, targets), h, w, targets, g)
 
@@ -155,9 +157,9 @@ def test_sum_all_ignored_gives_exact_zeros(grad_pass):
 
 @pytest.mark.parametrize("grad_pass", GRAD_PASSES)
 def test_sum_is_bit_identical_across_runs(grad_pass):
-    h, w, targets, g = make_problem(53, 40, V_SMALL, torch.bfloat16, seed=3)
-    first = run_sum(sum_mode(grad_pass, 16, targets), h, w, g)
-    second = run_sum(sum_mode(grad_pass, 16, targets), h, w, g)
+    h, w, targets, g = make_problem(29, 40, V_SMALL, torch.bfloat16, seed=3)
+    first = run_sum(sum_mode(grad_pass, 8, targets), h, w, g)
+    second = run_sum(sum_mode(grad_pass, 8, targets), h, w, g)
     for name, a, b in zip(("loss", "loss_sum", "dh", "dw"), first, second):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
