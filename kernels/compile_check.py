@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import os
 
-# The gate compiles; it never interprets. Must precede the first `import triton` (python -m runs this first).
-os.environ["TRITON_INTERPRET"] = "0"
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
+if __name__ == "__main__":
+    # The gate compiles; it never interprets: set before the first `import triton` (python -m runs this first; the
+    # spawned workers inherit it). Importing this module elsewhere changes nothing.
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
 
 import argparse  # noqa: E402
 import concurrent.futures  # noqa: E402
