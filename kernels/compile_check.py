@@ -355,10 +355,10 @@ def analyse_cubin(cubin: bytes) -> dict[str, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(path)],
-                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
-                              check=True).stdout
+        # One call prints both: the resource usage ("Function name:" lines), then the SASS ("Function : name").
+        text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", "-sass", str(path)],
+                              capture_output=True, text=True, check=True).stdout
+    usage, sass = text, text
     out = {}
     for name, reg, stack, shared, local in _RES.findall(usage):
         out[name] = {"registers": int(reg), "stack_bytes": int(stack), "static_smem": int(shared),
