@@ -277,13 +277,17 @@ def main(argv=None) -> list[dict]:
         sys.exit("bench_attention: no CUDA device; use --smoke for the CPU (interpreter) run")
     dtype = torch.float32 if args.smoke else torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
     env = environment(device)
-    rows = bench_attention(args, device, dtype, env)
-    if args.elementwise:
-        rows += bench_elementwise(args, device, dtype, env)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+
+    def append(new_rows):  # as each part finishes: a run stopped by a time limit keeps what it measured
+        with args.out.open("a") as f:
+            for row in new_rows:
+                f.write(json.dumps(row) + "\n")
+        return new_rows
+
+    rows = append(bench_attention(args, device, dtype, env))
+    if args.elementwise:
+        rows += append(bench_elementwise(args, device, dtype, env))
     print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}, cuda {env['cuda']}, "
           f"commit {env['git_commit'][:10]}{'-dirty' if env['git_dirty'] else ''}, {env['date_utc']}")
     print(markdown(rows))

@@ -58,6 +58,7 @@ def run_trainer(args, run_dir: Path) -> list[dict]:
         "train.micro_batch": str(args.micro_batch),
         "train.log_every": str(args.log_every),
         "train.ckpt_every": "0",
+        "train.save_final": "false",  # a throughput run: no checkpoint (open_lm-1b's would be ~20 GB)
         "train.run_dir": str(run_dir),
         "model.preset": args.preset,
         "model.grad_checkpointing": json.dumps(args.grad_checkpointing),

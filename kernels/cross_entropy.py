@@ -1,8 +1,16 @@
-"""The loss API the model calls: the linear + cross-entropy dispatcher over its three paths, and modality sums.
+"""The loss API the model calls: the linear + cross-entropy dispatchers over their three paths, and modality sums.
 
-Paths (same semantics: per-token fp32 loss, 0 at ``ignore_index``, exact gradients for any upstream gradient):
-``torch`` (eager, materialises [N, V]; the reference), ``chunked`` (pure torch, memory-bounded; chunked_ce.py) and
-``triton`` (the fused kernel; fused_linear_ce.py). This module imports no triton: CPU-only installs use it as is.
+Per-token mode, ``linear_cross_entropy`` (per-token fp32 loss, 0 at ``ignore_index``, exact gradients for any
+upstream gradient): ``torch`` (eager, materialises [N, V]; the reference), ``chunked`` (pure torch,
+memory-bounded; chunked_ce.py) and ``triton`` (the fused kernel; fused_linear_ce.py). 8·N·H·V FLOPs for the
+memory-bounded paths (the logits are recomputed in backward).
+
+Sum mode, ``linear_cross_entropy_sum`` (the trainer's: the scalar sum of the per-token losses, differentiable for
+any upstream *scalar*, plus the detached per-token losses for the modality split): ``torch`` (the eager path,
+summed), ``chunked`` (ce_sum.py with its torch grad pass) and ``triton`` (ce_sum.py with the Triton grad pass).
+6·N·H·V FLOPs: the gradient is formed in the forward pass (see ce_sum.py).
+
+This module imports no triton: CPU-only installs use it as is.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import importlib.util
 
 import torch
 
+from t2i_kernels.ce_sum import linear_cross_entropy_sum as _ce_sum
 from t2i_kernels.chunked_ce import chunked_linear_cross_entropy, linear_cross_entropy_torch
 
 IMPLS = ("auto", "torch", "chunked", "triton")
@@ -48,13 +57,14 @@ def modality_sums(
 
 @torch.compiler.assume_constant_result  # a process-wide constant: torch.compile runs it once, never traces it
 def triton_available() -> bool:
-    """True when triton and our fused kernel module import (cached after the first call)."""
+    """True when triton and our fused kernel modules import (cached after the first call)."""
     global _TRITON_OK
     if _TRITON_OK is None:
         _TRITON_OK = False
         if importlib.util.find_spec("triton") is not None:
             try:
                 importlib.import_module("t2i_kernels.fused_linear_ce")
+                importlib.import_module("t2i_kernels.ce_grad_pass")
                 _TRITON_OK = True
             except Exception:  # noqa: BLE001 - a broken triton install must not break the CPU path
                 _TRITON_OK = False
@@ -76,17 +86,43 @@ def linear_cross_entropy(
     impl: "torch" (plain eager, materialises [N, V]), "chunked" (pure torch, memory-bounded), "triton" (fused
     kernel), "auto" (triton on CUDA tensors when it imports, else chunked).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = "triton" if h.is_cuda and triton_available() else "chunked"
+    impl = _resolve(impl, h)
     if impl == "torch":
         return linear_cross_entropy_torch(h, w, targets, ignore_index)
     if impl == "chunked":
         return chunked_linear_cross_entropy(h, w, targets, ignore_index)
-    if not triton_available():
-        raise RuntimeError("impl='triton' needs the `triton` package (pip install 't2i_ds[triton]'); "
-                           "use impl='chunked' on machines without it")
     from t2i_kernels.fused_linear_ce import fused_linear_cross_entropy
 
     return fused_linear_cross_entropy(h, w, targets, ignore_index)
+
+
+def linear_cross_entropy_sum(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum mode: ``(loss_sum [] fp32, loss [N] fp32 detached)`` of ``h @ w.T``; loss 0 at ignored rows.
+
+    ``loss_sum`` is differentiable for any upstream scalar (the trainer's ``loss_sum * scale``); ``loss`` is for
+    detached statistics (modality sums). impl as in ``linear_cross_entropy``: "torch" (eager, summed),
+    "chunked" (ce_sum.py, torch grad pass), "triton" (ce_sum.py, Triton grad pass), "auto".
+    """
+    impl = _resolve(impl, h)
+    if impl == "torch":
+        loss = linear_cross_entropy_torch(h, w, targets, ignore_index)
+        return loss.sum(), loss.detach()
+    return _ce_sum(h, w, targets, ignore_index, grad_pass="triton" if impl == "triton" else "torch")
+
+
+def _resolve(impl: str, h: torch.Tensor) -> str:
+    """impl -> "torch" / "chunked" / "triton"; "auto" is triton on CUDA tensors when it imports, else chunked."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if h.is_cuda and triton_available() else "chunked"
+    if impl == "triton" and not triton_available():
+        raise RuntimeError("impl='triton' needs the `triton` package (pip install 't2i_ds[triton]'); "
+                           "use impl='chunked' on machines without it")
+    return impl

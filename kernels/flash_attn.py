@@ -50,8 +50,9 @@ Batch and head offsets are 64-bit (`b * stride_b` overflows int32 beyond 2**31 e
 S=1152, H=16, D=128). Inputs may be strided views (the model passes `.view`s of the fused in_proj output); only
 the last dimension must be contiguous.
 
-Block sizes on CUDA are fixed per head dim (`_gpu_config`), not autotuned: they are the FA2-tutorial defaults
-for sm80/sm90 and have not yet been tuned on this project's GPU (see benchmarks/README_attention.md).
+Block sizes on CUDA are fixed per head dim, dtype and architecture (`_gpu_config`), not autotuned: chosen from
+the compile gate's register / spill / MMA table (benchmarks/README_compile.md), not yet timed on a GPU (see
+benchmarks/README_attention.md).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from t2i_kernels._common import dot_precision, require_device
+from t2i_kernels._common import compiled_for_gpu, device_capability, dot_precision, require_device
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E); the kernels spell it (and ln 2) as literals
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -394,20 +395,32 @@ def _bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------------------
-def _gpu_config(head_dim: int) -> dict[str, tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel on CUDA.
+def _gpu_config(head_dim: int, dtype: torch.dtype, capability: int) -> dict[str, tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel on CUDA; BLOCK_M tiles queries, BLOCK_N keys.
 
-    FA2 Triton-tutorial defaults for sm80/sm90 at D <= 128, not yet tuned on this project's hardware. The dK/dV
-    kernel keeps two (BLOCK_N, D) fp32 accumulators, which bounds BLOCK_N at D = 128 (register pressure).
+    Chosen from the compile gate's table (`python -m t2i_kernels.compile_check`, benchmarks/README_compile.md):
+    the widest tensor-core instruction with no spill, for each architecture; not yet timed on a GPU.
+      * 16-bit, D = 128. Forward: FA2-tutorial tiles (128 x 64, 8 warps): HGMMA 64x128 on sm_90a. dQ: 64 x 64 on
+        4 warps (one warpgroup) gives HGMMA 64x128 and 178 registers; the former 8 warps split every product into
+        narrow 64x32 / 64x64 halves. dK/dV keeps two (BLOCK_N, D) fp32 accumulators: on sm_90a 128 keys x 64
+        queries on 8 warps, single-stage, reach HGMMA 64x128 at 254 registers without a spill (two stages, or
+        64 x 64 on 4 warps with two stages, spill); on sm_80 any of those spills in the loop, so it keeps 64 x 64
+        on 8 warps, two stages (HMMA m16n8k16, 255 registers, no spill).
+      * fp32 (tests only; products on the FMA units, ieee): 16 x 16 tiles, 4 warps, one stage. The 16-bit tiles
+        need 224 KiB of shared memory in the forward (over the A100's 163 KiB) and spill heavily in every kernel;
+        on sm_90a even 32 x 32 or 16 x 32 tiles spill, 16 x 16 stays at 67-106 registers.
     """
+    if dtype == torch.float32:
+        return {"fwd": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "pre": (128, 0, 4, 1)}
     if head_dim <= 64:
         return {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 3), "dq": (64, 64, 4, 3), "pre": (128, 0, 4, 1)}
-    return {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2), "pre": (128, 0, 4, 1)}
+    dkdv = (64, 128, 8, 1) if capability >= 90 else (64, 64, 8, 2)
+    return {"fwd": (128, 64, 8, 3), "dkdv": dkdv, "dq": (64, 64, 4, 2), "pre": (128, 0, 4, 1)}
 
 
-def _config(head_dim: int, device: torch.device, block_m: int | None, block_n: int | None):
-    if device.type == "cuda":
-        cfg = _gpu_config(head_dim)
+def _config(head_dim: int, dtype: torch.dtype, device: torch.device, block_m: int | None, block_n: int | None):
+    if compiled_for_gpu(device):
+        cfg = _gpu_config(head_dim, dtype, device_capability(device))
     else:  # TRITON_INTERPRET=1: small blocks keep numpy temporaries small and still cover multi-block paths
         cfg = {name: (32, 32, 1, 1) for name in ("fwd", "dkdv", "dq", "pre")}
     if block_m is not None or block_n is not None:
@@ -455,7 +468,7 @@ def _flash_attn_forward(q, k, v, causal: bool, sm_scale: float, block_m=None, bl
     Sk = k.shape[1]
     o = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages = _config(D, q.device, block_m, block_n)["fwd"]
+    bm, bn, warps, stages = _config(D, q.dtype, q.device, block_m, block_n)["fwd"]
     grid = (B * H, triton.cdiv(Sq, bm))
     _fwd_kernel[grid](
         q, k, v, o, lse, sm_scale * LOG2E,
@@ -471,7 +484,7 @@ def _flash_attn_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float, blo
     """Returns dq, dk, dv, each contiguous [B, S, H, D] in the input dtype."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
-    cfg = _config(D, q.device, block_m, block_n)
+    cfg = _config(D, q.dtype, q.device, block_m, block_n)
     delta = torch.empty_like(lse)  # (B, H, Sq) fp32
     dq = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Sk, H, D), dtype=k.dtype, device=k.device)

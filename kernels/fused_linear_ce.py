@@ -263,21 +263,28 @@ class LCEConfig:
     group: int              # grouped tile order for L2 reuse (dz kernel and GEMMs)
     gemm_m: int             # GEMM output tile rows
     gemm_n: int             # GEMM output tile cols
+    gemm_n_acc: int         # ... for the GEMMs that continue an fp32 partial (dh after the first vocab chunk)
     gemm_k: int             # GEMM K step
     num_warps: int
     num_stages: int
     max_dlogits_elems: int  # cap on the dz chunk [N, C_v]: C_v = max_dlogits_elems // N (rounded, balanced)
 
 
-# H100 starting points (the Triton matmul tutorial tiles; 16-bit operands). Not yet tuned on a GPU: see
-# benchmarks/README_fused_ce.md. fp32 operands take half the K step so three pipeline stages fit in shared memory.
+# 16-bit operands: the Triton matmul tutorial tiles (HGMMA 64x256 on sm_90a), except that a GEMM continuing an
+# fp32 partial keeps a 128 x 128 tile: at 128 x 256 its loaded partial plus the accumulator need more than 255
+# registers and spill (240 B on sm_90a, 8-16 B on sm_80), at 128 x 128 it spills nothing on either (HGMMA 64x128).
+# fp32 operands (tests; FMA products, ieee): 64 x 128 tiles with a K step of 16 and two stages, the largest that do
+# not spill (the 16-bit tiles with K = 32 spilled inside every loop). Chosen from the compile gate's table
+# (benchmarks/README_compile.md); not yet timed on a GPU (benchmarks/README_fused_ce.md).
 _CUDA_CONFIG_16BIT = LCEConfig(block_n=128, block_v=128, block_h=64, v_per_split=4096, group=8,
-                               gemm_m=128, gemm_n=256, gemm_k=64, num_warps=8, num_stages=3,
+                               gemm_m=128, gemm_n=256, gemm_n_acc=128, gemm_k=64, num_warps=8, num_stages=3,
                                max_dlogits_elems=2**27)
-_CUDA_CONFIG_FP32 = dataclasses.replace(_CUDA_CONFIG_16BIT, block_h=32, gemm_k=32)
+_CUDA_CONFIG_FP32 = LCEConfig(block_n=64, block_v=128, block_h=16, v_per_split=4096, group=8,
+                              gemm_m=64, gemm_n=128, gemm_n_acc=128, gemm_k=16, num_warps=8, num_stages=2,
+                              max_dlogits_elems=2**27)
 # Interpreter (CPU tests): the smallest tiles tl.dot accepts, small splits so tests cover the split merge.
 _INTERPRET_CONFIG = LCEConfig(block_n=16, block_v=32, block_h=16, v_per_split=128, group=4,
-                              gemm_m=16, gemm_n=32, gemm_k=16, num_warps=4, num_stages=1,
+                              gemm_m=16, gemm_n=32, gemm_n_acc=32, gemm_k=16, num_warps=4, num_stages=1,
                               max_dlogits_elems=2**27)
 
 
@@ -329,14 +336,15 @@ def _launch_matmul(a, b, out, acc, cfg: LCEConfig, precision: str) -> None:
     """out [M, N] = a [M, K] @ b [K, N] (+ acc, fp32); any strides."""
     M, K = a.shape
     N = b.shape[1]
-    grid = (triton.cdiv(M, cfg.gemm_m) * triton.cdiv(N, cfg.gemm_n),)
     accumulate = acc is not None
+    block_n = cfg.gemm_n_acc if accumulate else cfg.gemm_n
+    grid = (triton.cdiv(M, cfg.gemm_m) * triton.cdiv(N, block_n),)
     acc = acc if accumulate else out                                              # unused pointer when not accumulating
     _matmul_kernel[grid](
         a, b, out, acc, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         acc.stride(0), acc.stride(1),
-        ACCUMULATE=accumulate, BLOCK_M=cfg.gemm_m, BLOCK_N=cfg.gemm_n, BLOCK_K=cfg.gemm_k, GROUP_M=cfg.group,
+        ACCUMULATE=accumulate, BLOCK_M=cfg.gemm_m, BLOCK_N=block_n, BLOCK_K=cfg.gemm_k, GROUP_M=cfg.group,
         DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from t2i_kernels._common import compiled_for_gpu, multiprocessor_count
+
 
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim in fp32 (fp64 stays fp64), returned in x's dtype."""
@@ -87,8 +89,8 @@ def _ln_bwd_kernel(
 
 
 def _num_partials(m: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return min(m, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    if compiled_for_gpu(device):
+        return min(m, 4 * multiprocessor_count(device))
     return min(m, 4)  # interpreter: few programs, each looping over its rows
 
 

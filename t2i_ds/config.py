@@ -141,6 +141,8 @@ class TrainConfig:
     `signal_check_every` is the loop's other one)."""
     ckpt_every: int = 1_000
     """Steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)."""
+    save_final: bool = True
+    """Write a checkpoint when training ends (false: throughput benchmarks, where open_lm-1b's would be ~20 GB)."""
     keep_last: int = 3
     """Complete checkpoints kept; older ones are deleted."""
     resume: str = "auto"

@@ -16,11 +16,18 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from t2i_kernels._common import interpreting  # noqa: E402
 from t2i_kernels.flash_attn import _flash_attn_forward, attention_ref, flash_attention  # noqa: E402
 
 
 def requires_cuda(fn):
     return pytest.mark.requires_cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn))
+
+
+# The small cases run on CPU tensors through the interpreter. On a CUDA machine without TRITON_INTERPRET=1 the
+# kernels refuse CPU tensors, so they skip there: the GPU cases below cover the compiled kernels.
+cpu_interpreter = pytest.mark.skipif(torch.cuda.is_available() and not interpreting(),
+                                     reason="CPU-tensor cases need the Triton interpreter (TRITON_INTERPRET=1)")
 
 
 def _qkv(B, Sq, Sk, H, D, dtype, device="cpu", seed=0):
@@ -85,12 +92,14 @@ CPU_CASES = [  # (B, H, Sq, Sk, D, causal, dtype)
 ]
 
 
+@cpu_interpreter
 @pytest.mark.parametrize("B,H,Sq,Sk,D,causal,dtype", CPU_CASES)
 def test_forward_backward_within_error_budget(B, H, Sq, Sk, D, causal, dtype):
     q, k, v = _qkv(B, Sq, Sk, H, D, dtype)
     _check_against_budget(q, k, v, causal)
 
 
+@cpu_interpreter
 @pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16), (16, 16)])
 @pytest.mark.parametrize("Sq,Sk", [(50, 50), (19, 50)])
 def test_block_shapes_and_diagonal_alignment(block_m, block_n, Sq, Sk):
@@ -99,6 +108,7 @@ def test_block_shapes_and_diagonal_alignment(block_m, block_n, Sq, Sk):
     _check_against_budget(q, k, v, True, block_m=block_m, block_n=block_n)
 
 
+@cpu_interpreter
 def test_lse_is_the_row_logsumexp():
     q, k, v = _qkv(2, 33, 33, 2, 32, torch.float32)
     _, lse = _flash_attn_forward(q, k, v, True, 32**-0.5)  # (B, H, Sq)
@@ -107,6 +117,7 @@ def test_lse_is_the_row_logsumexp():
     torch.testing.assert_close(lse, scores.logsumexp(-1), rtol=0, atol=1e-5)
 
 
+@cpu_interpreter
 def test_kv_cache_rows_match_full_attention():
     q, k, v = _qkv(1, 40, 40, 2, 32, torch.float32, seed=5)
     full = flash_attention(q, k, v, True)
@@ -114,6 +125,7 @@ def test_kv_cache_rows_match_full_attention():
     torch.testing.assert_close(last, full[:, -6:], rtol=0, atol=1e-6)
 
 
+@cpu_interpreter
 def test_deterministic():
     q, k, v = _qkv(2, 45, 45, 2, 64, torch.float16, seed=7)
     do = _upstream_grad(torch.empty(2, 45, 2, 64, dtype=torch.float16))

@@ -6,7 +6,9 @@ module's partitioned parameters only around that module's forward: the fused ker
 
 With targets, the head returns per-modality loss *sums* and target *counts* (text, image, special;
 split by target id range, paper Fig. 4), never a mean: the trainer divides once by the global
-target count of the whole batch, kept on device.
+target count of the whole batch, kept on device. The loss is the sum mode of t2i_kernels
+(`linear_cross_entropy_sum`): the trainer backpropagates `loss_sum * scale`, a scalar, so the
+gradient is formed in the forward pass (6·N·H·V matmul FLOPs, no logits recompute).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from t2i_kernels.cross_entropy import linear_cross_entropy, modality_sums
+from t2i_kernels.cross_entropy import linear_cross_entropy_sum, modality_sums
 
 from t2i_ds.vocab import IGNORE
 
@@ -57,6 +59,7 @@ class LMHead(nn.Module):
         if targets is None:
             return F.linear(h, self.weight).float()  # (B, S, V) logits, fp32 as open_lm returns them
         flat = targets.flatten()  # (B*S,)
-        loss = linear_cross_entropy(h.flatten(0, 1), self.weight, flat, ignore_index=IGNORE, impl=self.loss_impl)
-        sums, counts = modality_sums(loss.detach(), flat, self.modality_bounds, ignore_index=IGNORE)  # (M,), (M,)
-        return LossOutput(loss.sum(), sums, counts.float())
+        loss_sum, loss = linear_cross_entropy_sum(h.flatten(0, 1), self.weight, flat, ignore_index=IGNORE,
+                                                  impl=self.loss_impl)  # (), (B*S,) detached
+        sums, counts = modality_sums(loss, flat, self.modality_bounds, ignore_index=IGNORE)  # (M,), (M,)
+        return LossOutput(loss_sum, sums, counts.float())

@@ -286,7 +286,7 @@ class Trainer:
                 break
         else:
             done = checkpointing.complete_checkpoints(self.ckpt_root)
-            if not done or done[-1].name != checkpointing.tag_for(self.step):
+            if t.save_final and (not done or done[-1].name != checkpointing.tag_for(self.step)):
                 self.save()
         self.tb.flush()
         return last
