@@ -142,18 +142,26 @@ def cfg_sample_ref(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor 
 def cfg_sample(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor, image_start: int, image_end: int,
                cfg_scale: float = 0.0, temperature: float = 1.0, top_k: int = 0, impl: str = "auto") -> torch.Tensor:
     """Dispatch to the C++/CUDA op ("op"), the reference ("ref"), or the op when it builds ("auto")."""
+    step = torch.as_tensor(step, dtype=torch.int64, device=logits.device)
+    return resolve(impl)(logits, keys, step, image_start, image_end, float(cfg_scale), float(temperature), int(top_k))
+
+
+def resolve(impl: str = "auto"):
+    """The sampling function `impl` names, with cfg_sample_ref's positional signature (step a tensor).
+
+    Resolve once, outside torch.compile: the op is then `torch.ops.t2i.cfg_sample` itself, which dynamo puts
+    into the graph as one node (its fake kernel gives the shape), with no Python dispatch to trace.
+    """
     if impl not in IMPLS:
         raise ValueError(f"cfg_sample: impl {impl!r} is not one of {IMPLS}")
     if impl == "auto":
         impl = "op" if op_available() else "ref"
     if impl == "ref":
-        return cfg_sample_ref(logits, keys, step, image_start, image_end, cfg_scale, temperature, top_k)
+        return cfg_sample_ref
     import t2i_csrc
 
     t2i_csrc.load()
-    step = torch.as_tensor(step, dtype=torch.int64, device=logits.device)
-    return torch.ops.t2i.cfg_sample(logits, keys, step, image_start, image_end, float(cfg_scale), float(temperature),
-                                    int(top_k))
+    return torch.ops.t2i.cfg_sample
 
 
 _OP_STATE: dict[str, bool] = {}
@@ -173,4 +181,4 @@ def op_available() -> bool:
     return _OP_STATE["ok"]
 
 
-__all__ = ["cfg_sample", "cfg_sample_ref", "philox4x32_10", "gumbel_noise", "log_portable", "op_available", "IMPLS"]
+__all__ = ["cfg_sample", "cfg_sample_ref", "resolve", "philox4x32_10", "gumbel_noise", "log_portable", "op_available", "IMPLS"]
