@@ -297,7 +297,7 @@ def test_cli(model, tmp_path, monkeypatch):
 
     image_tok = PatchKMeansTokenizer(torch.rand(VOCAB.image_size, 3 * 4 * 4) * 2 - 1, patch=4, image_size=16)
     run = SimpleNamespace(model=model, vocab=VOCAB, text_tokenizer=WordIds(), image_tokenizer=image_tok)
-    monkeypatch.setattr(inference, "load_run", lambda run_dir: run)
+    monkeypatch.setattr(inference, "load_run", lambda run_dir, **kw: run)  # kw: device
     (tmp_path / "captions.txt").write_text("a blue square\n\nthere is a red cross\n")
     out = tmp_path / "grid.png"
     gen_mod.main(["--checkpoint", "run", "--captions", "top-left: red circle", "--captions_file",
