@@ -45,22 +45,26 @@ class ClipScorer:
                     h.update(block)
         self.sha256 = h.hexdigest()
 
-    @torch.no_grad()
     def scores(self, images: Sequence[np.ndarray], captions: Sequence[str]) -> torch.Tensor:
         """uint8 (H, W, 3) images and their captions -> (B,) float64 scores in [0, 100]."""
+        return 100.0 * self.cosines(images, captions).clamp(min=0)
+
+    @torch.no_grad()
+    def cosines(self, images: Sequence[np.ndarray], captions: Sequence[str]) -> torch.Tensor:
+        """(B,) float64 cosine similarities of the image and caption embeddings."""
+        context = self.model.config.text_config.max_position_embeddings  # 77 for every released CLIP
         inputs = self.processor(text=list(captions), images=list(images), return_tensors="pt", padding=True,
-                                truncation=True)
+                                truncation=True, max_length=context)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         image = _embedding(self.model.get_image_features(pixel_values=inputs["pixel_values"]))  # (B, P)
         text = _embedding(self.model.get_text_features(input_ids=inputs["input_ids"],
                                                        attention_mask=inputs["attention_mask"]))  # (B, P)
-        cos = torch.nn.functional.cosine_similarity(image.double(), text.double(), dim=-1)  # (B,)
-        return (100.0 * cos.clamp(min=0)).cpu()
+        return torch.nn.functional.cosine_similarity(image.double(), text.double(), dim=-1).cpu()  # (B,)
 
     def describe(self) -> dict:
         return {"clip_model": str(self.path.resolve()), "clip_sha256": self.sha256,
                 "clip_processor": type(self.processor.image_processor).__name__,
-                "clip_score": "mean of 100 * max(cos(image embedding, text embedding), 0); captions truncated to the "
+                "clip_score_formula": "mean of 100 * max(cos(image embedding, text embedding), 0); captions truncated to the "
                               "model's context"}
 
 

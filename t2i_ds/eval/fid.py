@@ -236,7 +236,7 @@ def evaluate_fid(run, captions_path, reference, extractor: FeatureExtractor, out
         **{k: (generation or {}).get(k) for k in ("cfg_scale", "top_k", "temperature", "seed", "run", "checkpoint")},
         "protocol": "GigaGAN/clean-fid COCO-30K: one caption per image id (t2i_ds.eval.generation), one image per caption "
                     "(sampling keyed by caption index), preprocessing as 'resizer', Inception pool3 features, float64 "
-                    "Gaussian statistics, Frechet distance; CLIP score as 'clip_score' describes",
+                    "Gaussian statistics, Frechet distance; CLIP score as 'clip_score_formula' says",
         "commit": git_revision(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - t, 1),
     }
