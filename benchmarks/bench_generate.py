@@ -12,7 +12,7 @@ shared machine; every repetition is recorded). Models, with random weights (spee
 A second part times the sampling alone on the paper's (2b, 66,822) logits: the baseline's torch path (image slice,
 CFG mix, top-k, softmax, multinomial) vs the op `t2i::cfg_sample` vs its pure-torch reference.
 
-    python benchmarks/bench_generate.py                                 # the README table (CPU: ~1 h)
+    python benchmarks/bench_generate.py --threads 1                     # the README table (CPU: ~1 h)
     python benchmarks/bench_generate.py --models demo --repeats 3
     python benchmarks/bench_generate.py --smoke --out /tmp/gen.jsonl   # a tiny model, seconds: checks the script
 
@@ -71,7 +71,7 @@ def build(name: str, device: str, image_tokens: int | None):
         args = model_preset("debug", vocab_size=vocab.size, seq_len=vocab.seq_len)
     else:
         raise ValueError(f"unknown model {name!r}")
-    if image_tokens:
+    if image_tokens and image_tokens < vocab.image_tokens:  # the first `image_tokens` codes of every image
         vocab = replace(vocab, image_tokens=image_tokens)
     args = args.replace(loss_impl="torch", attn_backend="sdpa" if device == "cpu" else "auto")
     return build_model(args, vocab.modality_bounds, device=device).eval(), vocab, top_k
@@ -187,9 +187,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loops", type=lambda s: s.split(","), default=["fast", "baseline"])
     p.add_argument("--repeats", type=int, default=1, help="repetitions of each generation (the fastest counts)")
     p.add_argument("--cfg-scale", type=float, default=3.0)
-    p.add_argument("--image-tokens", type=int, default=0, help="cut every image to this many tokens (0: the vocabulary's)")
+    p.add_argument("--image-tokens", type=int, default=0,
+                   help="decode only the first N codes of each image where the vocabulary has more (0: all); the "
+                        "baseline's per-step torch.cat grows with position, so a cut decode understates its cost")
     p.add_argument("--sampling-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[8, 64])
     p.add_argument("--sampling-repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default); on a shared CPU "
+                   "one thread is the measurement least disturbed by other processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="a debug model on a tiny vocabulary: checks the script")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate.jsonl"))
@@ -201,6 +205,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = environment()
     rows = bench_generation(args, env) + bench_sampling(args, env)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -116,8 +116,14 @@ int64_t sample_row(const T* cond, const T* uncond, double cfg_scale, double inv_
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   const uint32_t c2 = static_cast<uint32_t>(caption), c3 = static_cast<uint32_t>(caption >> 32);
   int64_t j0 = 0;
-  for (int64_t j4 = 0; j4 < width; j4 += 4) {  // 1. random bits and score upper bounds
+  for (int64_t j4 = 0; j4 < width; j4 += 4) {  // 1. random bits and score upper bounds of the kept columns
     const int64_t lanes = std::min<int64_t>(4, width - j4);
+    bool any = false;
+    for (int64_t l = 0; l < lanes; ++l) any |= r.m[j4 + l] >= kth;
+    if (!any) {  // no kept column here (most blocks under top-k): no random numbers needed
+      for (int64_t l = 0; l < lanes; ++l) r.bound[j4 + l] = neg_inf;
+      continue;
+    }
     const U32x4 bits = philox4x32_10(static_cast<uint32_t>(j4 / 4), step, c2, c3, k0, k1);
     for (int64_t l = 0; l < lanes; ++l) {
       const int64_t j = j4 + l;

@@ -217,7 +217,7 @@ def test_cache_is_allocated_once_and_written_in_place(model, monkeypatch):
     generate_images(model, VOCAB, CAPTIONS[:2], cfg_scale=2.0, top_k=5)
     assert len(seen) == VOCAB.image_tokens and len(set(seen)) == 1  # prefill + every step: one cache, never moved
     L = len(VOCAB.prompt(CAPTIONS[0]))
-    assert seen[0][2][:2] == (4, L + VOCAB.image_tokens - 1)  # (2b rows, prompt + fed-back codes)
+    assert seen[0][2][::2] == (4, L + VOCAB.image_tokens - 1)  # (2b rows, H, prompt + fed-back codes, D)
 
 
 @pytest.mark.parametrize("pos_embed", ["rotary", "head_rotary"])
@@ -248,7 +248,7 @@ def test_forward_static_matches_forward_with_cache(pos_embed):
         whole = m.forward_static(new, static, index, positions=pos, key_padding_mask=full, kv_len=None, rows=rows)
         for out in (got, whole):
             torch.testing.assert_close(out, want[:, rows[0] : rows[1]], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(eager.layers[1].k[:, : L + t + 1], past[1][0], rtol=0, atol=0)
+        torch.testing.assert_close(eager.layers[1].k.transpose(1, 2)[:, : L + t + 1], past[1][0], rtol=0, atol=0)
 
 
 def test_compiled_static_step_traces_once(model, monkeypatch):

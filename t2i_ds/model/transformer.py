@@ -25,7 +25,7 @@ from t2i_ds.model.layers import Block, KVCache, RopeTable, StaticKV, make_norm, 
 
 @dataclass
 class DecodeCache:
-    """Everything a decode needs allocated once: per-layer K/V of (B, S_max, H, D) and rotary tables."""
+    """Everything a decode needs allocated once: per-layer K/V of (B, H, S_max, D) and rotary tables."""
 
     layers: list[StaticKV]
     rope: list[RopeTable | None]  # per layer (open_lm gives every layer its own `inv_freq`)
@@ -122,7 +122,7 @@ class Transformer(nn.Module):
         """Preallocated caches for `batch` rows of up to `max_len` tokens, in the parameters' dtype and device."""
         w = self.tok_embeddings.weight
         a = self.args
-        shape = (batch, max_len, a.n_heads, a.head_dim)
+        shape = (batch, a.n_heads, max_len, a.head_dim)
         layers = [StaticKV(torch.zeros(shape, dtype=w.dtype, device=w.device), torch.zeros(shape, dtype=w.dtype, device=w.device))
                   for _ in self.layers]
         rope = [None if layer.attention.pos_embed is None else layer.attention.pos_embed.table(max_len, a.n_heads, w.device)
