@@ -8,6 +8,10 @@ shared machine; every repetition is recorded). Models, with random weights (spee
     demo           the `make demo` model (dim 128, 4 layers) on the demo vocabulary (256 codes, 64 tokens an image)
     open_lm_1b_2l  open_lm-1b (dim 2048, 16 heads, SwiGLU 5632, head_rotary) cut to 2 layers, on the paper's
                    vocabulary (66,822 rows, 16,384 codes, 1,024 tokens an image)
+    open_lm_1b     the whole open_lm-1b (24 layers) on that vocabulary: the GPU measurement
+
+Loops: "fast", "baseline", and "fast+compile" (the fast loop with `compile=True`: its static-shape step under
+torch.compile(mode="reduce-overhead"), i.e. CUDA graphs on a GPU).
 
 A second part times the sampling alone on the paper's (2b, 66,822) logits: the baseline's torch path (image slice,
 CFG mix, top-k, softmax, multinomial) vs the op `t2i::cfg_sample` vs its pure-torch reference.
@@ -36,7 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = ("demo", "open_lm_1b_2l")
+MODELS = ("demo", "open_lm_1b_2l", "open_lm_1b")
+LOOPS = ("fast", "baseline", "fast+compile")
 
 
 def environment() -> dict:
@@ -51,7 +56,7 @@ def environment() -> dict:
     }
 
 
-def build(name: str, device: str, image_tokens: int | None):
+def build(name: str, device: str, image_tokens: int | None, dtype: torch.dtype = torch.float32):
     """(model, vocab, top_k) of a named benchmark model, random weights, eval mode."""
     from t2i_ds.model.args import model_preset
     from t2i_ds.model.transformer import build_model
@@ -63,9 +68,9 @@ def build(name: str, device: str, image_tokens: int | None):
 
         vocab, top_k = demo().vocab.build(), None  # the demo samples without top-k
         args = model_preset("demo", vocab_size=vocab.size, seq_len=vocab.seq_len)
-    elif name == "open_lm_1b_2l":
+    elif name in ("open_lm_1b_2l", "open_lm_1b"):
         vocab, top_k = Vocab(), 1000  # the COCO FID protocol's top-k
-        args = model_preset("open_lm_1b", vocab_size=vocab.size, n_layers=2)
+        args = model_preset("open_lm_1b", vocab_size=vocab.size, n_layers=2 if name == "open_lm_1b_2l" else 24)
     elif name == "smoke":
         vocab, top_k = tiny_vocab(), 20
         args = model_preset("debug", vocab_size=vocab.size, seq_len=vocab.seq_len)
@@ -74,7 +79,7 @@ def build(name: str, device: str, image_tokens: int | None):
     if image_tokens and image_tokens < vocab.image_tokens:  # the first `image_tokens` codes of every image
         vocab = replace(vocab, image_tokens=image_tokens)
     args = args.replace(loss_impl="torch", attn_backend="sdpa" if device == "cpu" else "auto")
-    return build_model(args, vocab.modality_bounds, device=device).eval(), vocab, top_k
+    return build_model(args, vocab.modality_bounds, device=device).to(dtype).eval(), vocab, top_k
 
 
 def captions(vocab, n: int) -> list[list[int]]:
@@ -94,30 +99,39 @@ def bench_generation(args, env: dict) -> list[dict]:
 
     rows = []
     for name in args.models:
-        model, vocab, top_k = build(name, args.device, args.image_tokens)
+        model, vocab, top_k = build(name, args.device, args.image_tokens, getattr(torch, args.dtype))
         for batch in args.batches:
             caps = captions(vocab, batch)
             kw = dict(cfg_scale=args.cfg_scale, top_k=top_k, temperature=1.0, seed=0, batch_size=batch)
             generate_images(model, vocab, caps[:2], **{**kw, "batch_size": 2})  # warm-up: builds/loads the op
+            if "fast+compile" in args.loops:  # compilation and graph capture happen here, outside the timing
+                generate_images(model, vocab, caps, **kw, **loop_kwargs("fast+compile"))
             times = {loop: [] for loop in args.loops}
             for _ in range(args.repeats):  # alternate, so both loops see the same background load
                 for loop in args.loops:
                     sync(args.device)
                     t = time.perf_counter()
-                    generate_images(model, vocab, caps, loop=loop, **kw)
+                    generate_images(model, vocab, caps, **kw, **loop_kwargs(loop))
                     sync(args.device)
                     times[loop].append(time.perf_counter() - t)
                     print(f"[generate] {name} batch {batch} {loop}: {times[loop][-1]:.1f} s", flush=True)
             for loop in args.loops:
                 best = min(times[loop])
                 rows.append({
-                    "bench": "generate", **env, "model": name, "batch": batch, "loop": loop, "cfg_scale": args.cfg_scale,
+                    "bench": "generate", **env, "model": name, "dtype": args.dtype, "batch": batch, "loop": loop,
+                    "cfg_scale": args.cfg_scale,
                     "top_k": top_k, "image_tokens": vocab.image_tokens, "vocab_size": vocab.size,
                     "seconds": [round(x, 3) for x in times[loop]], "best_seconds": round(best, 3),
                     "images_per_s": batch / best, "ms_per_token_step": 1e3 * best / vocab.image_tokens,
                 })
         del model
     return rows
+
+
+def loop_kwargs(loop: str) -> dict:
+    if loop not in LOOPS:
+        raise ValueError(f"unknown loop {loop!r}; choose from {LOOPS}")
+    return {"loop": "fast", "compile": True} if loop == "fast+compile" else {"loop": loop}
 
 
 def time_min(fn, repeats: int, device: str) -> float:
@@ -165,14 +179,18 @@ def bench_sampling(args, env: dict) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     gen = {(r["model"], r["batch"], r["loop"]): r for r in rows if r["bench"] == "generate"}
-    out = ["| model | batch (CFG rows) | baseline images/s | fast images/s | fast / baseline |", "|---|---|---|---|---|"]
-    for (model, batch, loop), r in gen.items():
-        if loop != "fast":
-            continue
-        base = gen.get((model, batch, "baseline"))
-        base_ips = f"{base['images_per_s']:.3g}" if base else "-"
-        ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
-        out.append(f"| {model} | {batch} ({2 * batch}) | {base_ips} | {r['images_per_s']:.3g} | {ratio} |")
+    loops = [loop for loop in LOOPS if any(k[2] == loop for k in gen)]
+    ips = lambda key: gen[key]["images_per_s"] if key in gen else None  # noqa: E731
+    head = "| model | image tokens | batch (CFG rows) | " + " | ".join(f"{loop} images/s" for loop in loops)
+    ratios = [loop for loop in loops if loop != "baseline"] if "baseline" in loops else []
+    out = [head + "".join(f" | {loop} / baseline" for loop in ratios) + " |",
+           "|---" * (3 + len(loops) + len(ratios)) + "|"]
+    for model, batch in dict.fromkeys((k[0], k[1]) for k in gen):
+        any_row = next(r for k, r in gen.items() if k[:2] == (model, batch))
+        cells = [f"{ips((model, batch, loop)):.3g}" if ips((model, batch, loop)) else "-" for loop in loops]
+        base = ips((model, batch, "baseline"))
+        cells += [f"{ips((model, batch, loop)) / base:.2f}x" if base and ips((model, batch, loop)) else "-" for loop in ratios]
+        out.append(f"| {model} | {any_row['image_tokens']} | {batch} ({2 * batch}) | " + " | ".join(cells) + " |")
     samp = [r for r in rows if r["bench"] == "generate_sampling"]
     if samp:
         out += ["", "| sampling step, (2b, 66,822) logits, top-k 1000 | batch | ms |", "|---|---|---|"]
@@ -184,7 +202,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS), help=f"comma list of {MODELS}")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[8, 64])
-    p.add_argument("--loops", type=lambda s: s.split(","), default=["fast", "baseline"])
+    p.add_argument("--loops", type=lambda s: s.split(","), default=["fast", "baseline"], help=f"comma list of {LOOPS}")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", help="model weights")
     p.add_argument("--repeats", type=int, default=1, help="repetitions of each generation (the fastest counts)")
     p.add_argument("--cfg-scale", type=float, default=3.0)
     p.add_argument("--image-tokens", type=int, default=0,
