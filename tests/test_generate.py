@@ -263,6 +263,21 @@ def test_compiled_static_step_traces_once(model, monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.requires_cuda
+def test_cuda_graph_decode_equals_eager_and_cpu():
+    """On a GPU: the reduce-overhead (CUDA graph) step gives the eager fast loop's codes, and the CPU's."""
+    torch.manual_seed(0)
+    args = model_preset("debug", vocab_size=VOCAB.size, seq_len=VOCAB.seq_len, loss_impl="torch", attn_backend="sdpa")
+    cpu = build_model(args, VOCAB.modality_bounds).eval()
+    gpu = build_model(args, VOCAB.modality_bounds, device="cuda").eval()
+    gpu.load_state_dict(cpu.state_dict())
+    kw = dict(cfg_scale=3.0, top_k=20, seed=4, batch_size=4)
+    eager = generate_images(gpu, VOCAB, CAPTIONS, **kw)
+    graphed = generate_images(gpu, VOCAB, CAPTIONS, compile=True, **kw)
+    assert torch.equal(graphed, eager)
+    assert (eager == generate_images(cpu, VOCAB, CAPTIONS, **kw)).float().mean() > 0.99  # rounding may flip a near-tie
+
+
 def test_sample_from_logits_top_k_and_temperature():
     g = torch.Generator().manual_seed(0)
     logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]]).repeat(2000, 1)
