@@ -2,10 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from t2i_ds.demo.__main__ import main as demo_main
+from t2i_ds.demo.__main__ import main as demo_main, parse_args, regenerate_command
 
 
 @pytest.mark.slow
@@ -36,3 +37,17 @@ def test_demo_pipeline_small(tmp_path, monkeypatch, capsys):
     acc.Reload()
     assert "samples" in acc.Tags()["images"]  # drawn during training every steps // 4 = 75 steps
     assert [e.step for e in acc.Images("samples")] == [75, 150, 225, 300]
+
+    # The grid is regenerated image by image: caption 5 alone, through the command the demo prints, gives the same
+    # PNG byte for byte as the demo's own samples/000005.png, whose pixels are tile 5 of samples.png.
+    from t2i_ds import generate as gen_mod
+
+    cmd = regenerate_command(tmp_path, parse_args(["--out", str(tmp_path), "--grid", "8"]), 5)
+    assert " ".join(cmd) in out
+    gen_mod.main(cmd[3:])  # after `python -m t2i_ds.generate`
+    alone = (tmp_path / "alone" / "000005.png").read_bytes()
+    assert alone == (tmp_path / "samples" / "000005.png").read_bytes()
+    image = np.asarray(Image.open(tmp_path / "alone" / "000005.png"))  # (32, 32, 3)
+    grid = np.asarray(Image.open(tmp_path / "samples.png").convert("RGB"))
+    tile = grid[: 32 * 4 : 4, 5 * (32 * 4 + 2) : 5 * (32 * 4 + 2) + 32 * 4 : 4]  # row 0, column 5, upscaled x4
+    assert np.array_equal(tile, image)

@@ -343,16 +343,17 @@ def test_evaluate_fid_command_end_to_end(tmp_path, inception_path, fake_run, mon
               "--device", "cpu"]
 
     out1 = tmp_path / "eval1"
-    assert main(common + ["--reference", str(tmp_path / "ref"), "--out", str(out1), "--save_images"]) == 0
+    assert main(common + ["--reference", str(tmp_path / "ref"), "--out", str(out1)]) == 0
     lines = (out1 / "fid.jsonl").read_text().splitlines()
     assert len(lines) == 1
     report = json.loads(lines[0])
     assert np.isfinite(report["fid"]) and report["fid"] > 0
     assert report["n"] == 6 and report["reference_n"] == 6 and report["resolution"] == 32 and report["resize"] == 64
     assert (report["cfg_scale"], report["top_k"], report["temperature"], report["seed"]) == (2.0, 16, 1.0, 3)
+    assert report["generation"]["captions"] == 6 and "caption index" in report["generation"]["sampler"]
     assert report["extractor_sha256"] == eval_fid.sha256_file(inception_path) and report["reference_source"] == "computed"
     assert "LANCZOS to 64x64" in report["resizer"] and "BICUBIC" in report["resizer"] and report["date"]
-    assert sorted(p.name for p in (out1 / "images").iterdir()) == [f"{i:06d}.png" for i in range(6)]
+    assert sorted(p.name for p in (out1 / "images").glob("*.png")) == [f"{i:06d}.png" for i in range(6)]
 
     # The same samples (same seed) against a reference folder of exactly those images: FID ~ 0.
     out2 = tmp_path / "eval2"
@@ -372,14 +373,21 @@ def test_evaluate_fid_command_end_to_end(tmp_path, inception_path, fake_run, mon
     assert '"fid":' in capsys.readouterr().out  # the report is printed too
 
 
-def test_generation_is_seeded_and_chunked_by_length(fake_run, inception_path):
+def test_generation_is_seeded_and_keyed_by_caption_index(fake_run, inception_path, tmp_path):
+    """Replaces the chunk-seeded generation (each chunk of length-sorted captions from its own torch.Generator):
+    images are now keyed by (seed, caption index), so statistics depend on the seed, not on the batching."""
     ext = TorchScriptExtractor(inception_path)
-    kw = dict(resize=None, cfg_scale=0.0, top_k=None, temperature=1.0, batch_size=2, log=lambda s: None)
-    a, b, c = (eval_fid.generated_stats(fake_run, CAPTIONS[:4], ext, seed=s, **kw) for s in (0, 0, 1))
-    assert np.array_equal(a.mu, b.mu) and np.array_equal(a.sigma, b.sigma)  # determinism
-    assert not np.array_equal(a.mu, c.mu)
-    seeds = {eval_fid.chunk_seed(s, k) for s in range(4) for k in range(1000)}
-    assert len(seeds) == 4000 and max(seeds) < 2**32  # distinct, and within what torch's CPU generator keeps
+    kw = dict(cfg_scale=0.0, top_k=None, temperature=1.0, log=lambda s: None)
+
+    def stats(seed, batch_size, name):
+        eval_fid.generate_folder(fake_run, CAPTIONS[:4], tmp_path / name, seed=seed, batch_size=batch_size, **kw)
+        return eval_fid.generated_stats(tmp_path / name, CAPTIONS[:4], ext, resize=None)[0]
+
+    a, b, c = stats(0, 2, "a"), stats(0, 3, "b"), stats(1, 2, "c")
+    assert np.array_equal(a.mu, b.mu) and np.array_equal(a.sigma, b.sigma)  # another batch size: same images
+    assert not np.array_equal(a.mu, c.mu)  # another seed: other images
+    for i in range(4):
+        assert (tmp_path / "a" / f"{i:06d}.png").read_bytes() == (tmp_path / "b" / f"{i:06d}.png").read_bytes()
 
 
 def test_cli_missing_extractor_is_one_line_exit_2(tmp_path):

@@ -24,21 +24,37 @@ def model():
 
 
 class RecordingModel(nn.Module):
-    """Stands in for the Transformer: records prompts; its logits favour every NON-image id."""
+    """Stands in for the Transformer: records prompts; its logits favour every NON-image id.
+
+    Speaks both loops' protocols: `forward_with_cache` (baseline) and `allocate_cache` + `forward_static` (fast).
+    """
 
     def __init__(self, vocab):
         super().__init__()
         self.dummy = nn.Parameter(torch.zeros(()))
-        self.vocab, self.calls, self.masks = vocab, [], []
+        self.vocab, self.calls, self.masks, self.static = vocab, [], [], []
 
-    def forward_with_cache(self, input_ids, past=None, *, key_padding_mask=None):
-        self.calls.append((input_ids.clone(), past is None))
-        self.masks.append(None if key_padding_mask is None else key_padding_mask.clone())
+    def _logits(self, input_ids):
         g = torch.Generator().manual_seed(int(input_ids.sum()))
         logits = torch.rand(input_ids.shape[0], self.vocab.size, generator=g)  # (B, V)
         logits[:, : self.vocab.image_offset] += 100.0  # text ids: far more likely if not masked
         logits[:, self.vocab.special_offset :] += 100.0  # specials too
-        return logits, (past or 0) + input_ids.shape[1]
+        return logits
+
+    def forward_with_cache(self, input_ids, past=None, *, key_padding_mask=None):
+        self.calls.append((input_ids.clone(), past is None))
+        self.masks.append(None if key_padding_mask is None else key_padding_mask.clone())
+        return self._logits(input_ids), (past or 0) + input_ids.shape[1]
+
+    def allocate_cache(self, batch, max_len):
+        return {"batch": batch, "max_len": max_len}
+
+    def forward_static(self, input_ids, cache, index, *, positions, key_padding_mask=None, kv_len=None, rows=None):
+        self.calls.append((input_ids.clone(), int(index[0]) == 0))
+        self.masks.append(None if key_padding_mask is None else key_padding_mask.clone())
+        self.static.append(dict(index=index.clone(), positions=positions.clone(), kv_len=kv_len, rows=rows, cache=cache))
+        logits = self._logits(input_ids)
+        return logits if rows is None else logits[:, rows[0] : rows[1]]
 
 
 def greedy_full_recompute(model, vocab, caption):
@@ -50,19 +66,23 @@ def greedy_full_recompute(model, vocab, caption):
     return ids[0, -vocab.image_tokens :] - vocab.image_offset
 
 
-def test_samples_only_image_ids():
+@pytest.mark.parametrize("loop", ["fast", "baseline"])
+def test_samples_only_image_ids(loop):
     fake = RecordingModel(VOCAB)
-    codes = generate_images(fake, VOCAB, CAPTIONS, seed=0, temperature=2.0)
+    codes = generate_images(fake, VOCAB, CAPTIONS, seed=0, temperature=2.0, loop=loop)
     assert codes.shape == (len(CAPTIONS), VOCAB.image_tokens) and codes.dtype == torch.int64
     assert codes.min() >= 0 and codes.max() < VOCAB.image_size
     assert len(codes.unique()) > VOCAB.image_size // 2  # sampled across the image range, not clamped to an edge
     steps = [ids for ids, first in fake.calls if not first]
     assert all(((s >= VOCAB.image_offset) & (s < VOCAB.special_offset)).all() for s in steps)  # fed back as image ids
+    if loop == "fast":  # the head is asked for the image rows only, at every call
+        assert {c["rows"] for c in fake.static} == {(VOCAB.image_offset, VOCAB.special_offset)}
 
 
-def test_prompts_and_cfg_rows():
+@pytest.mark.parametrize("loop", ["fast", "baseline"])
+def test_prompts_and_cfg_rows(loop):
     fake = RecordingModel(VOCAB)
-    generate_images(fake, VOCAB, CAPTIONS[:2], cfg_scale=3.0, seed=0)
+    generate_images(fake, VOCAB, CAPTIONS[:2], cfg_scale=3.0, seed=0, loop=loop)
     P = VOCAB.pad_id
     uncond = [VOCAB.doc, VOCAB.text, VOCAB.text_end, VOCAB.image]  # the trained empty-caption prefix
     (prefill, first), *steps = fake.calls
@@ -76,11 +96,20 @@ def test_prompts_and_cfg_rows():
     for t, ((ids, _), mask) in enumerate(zip(steps, fake.masks[1:])):
         assert ids.shape == (4, 1) and torch.equal(ids[:2], ids[2:])  # the sampled code continues both halves
         assert mask.shape == (4, 7 + t + 1) and torch.equal(mask[:, :7], fake.masks[0]) and mask[:, 7:].all()
+    if loop == "fast":
+        pre, *decode = fake.static
+        assert pre["index"].tolist() == list(range(7)) and pre["kv_len"] == 7
+        assert pre["positions"].tolist()[1] == [0, 0, 0, 1, 2, 3, 4]  # left-padded row: real tokens from 0
+        assert len({id(c["cache"]) for c in fake.static}) == 1  # one cache for the whole batch
+        for t, call in enumerate(decode):  # the fed code goes to column 7 + t, at each row's next position
+            assert call["index"].tolist() == [7 + t] and call["kv_len"] == 7 + t + 1
+            assert call["positions"][:, 0].tolist() == [7 + t, 5 + t, 4 + t, 4 + t]
 
 
-def test_no_mask_without_padding():
+@pytest.mark.parametrize("loop", ["fast", "baseline"])
+def test_no_mask_without_padding(loop):
     fake = RecordingModel(VOCAB)
-    generate_images(fake, VOCAB, [[5, 6], [7, 8]], seed=0)  # cfg 0, one prompt length: the unpadded path
+    generate_images(fake, VOCAB, [[5, 6], [7, 8]], seed=0, loop=loop)  # cfg 0, one prompt length: the unpadded path
     assert all(m is None for m in fake.masks) and fake.calls[0][0].shape == (2, 6)
     ids, mask = left_pad([[3, 4, 5], [6]], pad_id=1, device="cpu")
     assert ids.tolist() == [[3, 4, 5], [1, 1, 6]] and mask.tolist() == [[True] * 3, [False, False, True]]
@@ -152,6 +181,103 @@ def test_cfg(model):
     assert torch.equal(sampled, generate_images(model, VOCAB, CAPTIONS, cfg_scale=3.0, seed=0))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The fast loop: reproducible per caption, in-place cache, static shapes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_fast_loop_image_depends_only_on_caption_index_and_seed(model):
+    kw = dict(cfg_scale=3.0, top_k=20, temperature=1.0, seed=5)
+    together = generate_images(model, VOCAB, CAPTIONS, **kw)  # one batch of 6, indices 0..5
+    assert len(together.unique()) > 20  # really sampled
+    for i, caption in enumerate(CAPTIONS):  # each caption alone, keyed by its index: the same image
+        assert torch.equal(generate_images(model, VOCAB, [caption], indices=[i], **kw)[0], together[i])
+    order = [4, 1, 5, 0, 3, 2]  # other batches, other row order, other batch size
+    shuffled = generate_images(model, VOCAB, [CAPTIONS[i] for i in order], indices=order, batch_size=4, **kw)
+    assert torch.equal(shuffled, together[order])
+    moved = generate_images(model, VOCAB, CAPTIONS, indices=[i + 100 for i in range(6)], **kw)  # other keys
+    assert (moved != together).any(dim=1).all()
+
+
+def test_fast_and_baseline_loops_agree_when_greedy(model):
+    for cfg_scale in (0.0, 3.0):
+        fast = generate_images(model, VOCAB, CAPTIONS, top_k=1, cfg_scale=cfg_scale)
+        assert torch.equal(fast, generate_images(model, VOCAB, CAPTIONS, top_k=1, cfg_scale=cfg_scale, loop="baseline"))
+
+
+def test_cache_is_allocated_once_and_written_in_place(model, monkeypatch):
+    seen = []
+    original = type(model).forward_static
+
+    def spy(self, ids, cache, index, **kw):
+        seen.append((id(cache), cache.layers[0].k.data_ptr(), tuple(cache.layers[0].k.shape)))
+        return original(self, ids, cache, index, **kw)
+
+    monkeypatch.setattr(type(model), "forward_static", spy)
+    generate_images(model, VOCAB, CAPTIONS[:2], cfg_scale=2.0, top_k=5)
+    assert len(seen) == VOCAB.image_tokens and len(set(seen)) == 1  # prefill + every step: one cache, never moved
+    L = len(VOCAB.prompt(CAPTIONS[0]))
+    assert seen[0][2][::2] == (4, L + VOCAB.image_tokens - 1)  # (2b rows, H, prompt + fed-back codes, D)
+
+
+@pytest.mark.parametrize("pos_embed", ["rotary", "head_rotary"])
+def test_forward_static_matches_forward_with_cache(pos_embed):
+    """Prefill and decode on the preallocated cache (sliced and whole-cache static) = the growing cache."""
+    torch.manual_seed(0)
+    args = model_preset("debug", vocab_size=VOCAB.size, seq_len=VOCAB.seq_len, loss_impl="torch", attn_backend="sdpa",
+                        pos_embed=pos_embed)
+    m = build_model(args, VOCAB.modality_bounds).eval()
+    ids, mask = left_pad([VOCAB.prompt(c) for c in CAPTIONS[:3]], VOCAB.pad_id, "cpu")  # (3, 7)
+    L, S, rows = ids.shape[1], ids.shape[1] + 3, (VOCAB.image_offset, VOCAB.special_offset)
+    want, past = m.forward_with_cache(ids, key_padding_mask=mask)  # (3, V)
+    from t2i_ds.model.transformer import padded_positions
+
+    positions = padded_positions(mask)
+    eager, static = m.allocate_cache(3, S), m.allocate_cache(3, S)
+    got = m.forward_static(ids, eager, torch.arange(L), positions=positions, key_padding_mask=mask, kv_len=L, rows=rows)
+    m.forward_static(ids, static, torch.arange(L), positions=positions, key_padding_mask=mask, kv_len=L, rows=rows)
+    torch.testing.assert_close(got, want[:, rows[0] : rows[1]], rtol=1e-5, atol=1e-5)
+    full = torch.cat([mask, torch.zeros(3, 3, dtype=torch.bool)], dim=1)  # (3, S): unwritten columns off
+    for t in range(3):
+        new = torch.randint(VOCAB.image_offset, VOCAB.special_offset, (3, 1), generator=torch.Generator().manual_seed(t))
+        grown = torch.cat([mask, torch.ones(3, t + 1, dtype=torch.bool)], dim=1)
+        want, past = m.forward_with_cache(new, past, key_padding_mask=grown)
+        pos, index = positions[:, -1:] + t + 1, torch.tensor([L + t])
+        got = m.forward_static(new, eager, index, positions=pos, key_padding_mask=grown, kv_len=L + t + 1, rows=rows)
+        full[:, L + t] = True
+        whole = m.forward_static(new, static, index, positions=pos, key_padding_mask=full, kv_len=None, rows=rows)
+        for out in (got, whole):
+            torch.testing.assert_close(out, want[:, rows[0] : rows[1]], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(eager.layers[1].k.transpose(1, 2)[:, : L + t + 1], past[1][0], rtol=0, atol=0)
+
+
+def test_compiled_static_step_traces_once(model, monkeypatch):
+    """compile=: one graph (fullgraph) for every step of every batch, no recompilation: static shapes, as CUDA
+    graphs need (reduce-overhead on a GPU; dynamo alone here: the same graph capture, without a compiler)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    kw = dict(cfg_scale=3.0, top_k=20, seed=2)
+    compiled = generate_images(model, VOCAB, CAPTIONS[:5], batch_size=2, compile={"backend": "eager", "fullgraph": True}, **kw)
+    eager = generate_images(model, VOCAB, CAPTIONS[:5], batch_size=2, **kw)  # 3 batches, the last one filled up
+    assert torch.equal(compiled, eager)
+    torch._dynamo.reset()
+
+
+@pytest.mark.requires_cuda
+def test_cuda_graph_decode_equals_eager_and_cpu():
+    """On a GPU: the reduce-overhead (CUDA graph) step gives the eager fast loop's codes, and the CPU's."""
+    torch.manual_seed(0)
+    args = model_preset("debug", vocab_size=VOCAB.size, seq_len=VOCAB.seq_len, loss_impl="torch", attn_backend="sdpa")
+    cpu = build_model(args, VOCAB.modality_bounds).eval()
+    gpu = build_model(args, VOCAB.modality_bounds, device="cuda").eval()
+    gpu.load_state_dict(cpu.state_dict())
+    kw = dict(cfg_scale=3.0, top_k=20, seed=4, batch_size=4)
+    eager = generate_images(gpu, VOCAB, CAPTIONS, **kw)
+    graphed = generate_images(gpu, VOCAB, CAPTIONS, compile=True, **kw)
+    assert torch.equal(graphed, eager)
+    assert (eager == generate_images(cpu, VOCAB, CAPTIONS, **kw)).float().mean() > 0.99  # rounding may flip a near-tie
+
+
 def test_sample_from_logits_top_k_and_temperature():
     g = torch.Generator().manual_seed(0)
     logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]]).repeat(2000, 1)
@@ -186,7 +312,7 @@ def test_cli(model, tmp_path, monkeypatch):
 
     image_tok = PatchKMeansTokenizer(torch.rand(VOCAB.image_size, 3 * 4 * 4) * 2 - 1, patch=4, image_size=16)
     run = SimpleNamespace(model=model, vocab=VOCAB, text_tokenizer=WordIds(), image_tokenizer=image_tok)
-    monkeypatch.setattr(inference, "load_run", lambda run_dir: run)
+    monkeypatch.setattr(inference, "load_run", lambda run_dir, **kw: run)  # kw: device
     (tmp_path / "captions.txt").write_text("a blue square\n\nthere is a red cross\n")
     out = tmp_path / "grid.png"
     gen_mod.main(["--checkpoint", "run", "--captions", "top-left: red circle", "--captions_file",

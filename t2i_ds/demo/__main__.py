@@ -5,8 +5,11 @@
 2. train the `demo` preset through the DeepSpeed launcher (2 CPU ranks with gloo where there is no
    GPU, all GPUs otherwise), streaming the shards;
 3. sample images for held-out captions (image ids only, top-k, classifier-free guidance), write a PNG
-   grid, and score whether each image shows the caption's colour (and shape, position) with the
-   generator's own classifier, next to chance.
+   grid (and its images as samples/{caption index:06d}.png), and score whether each image shows the
+   caption's colour (and shape, position) with the generator's own classifier, next to chance.
+
+Every image is a function of its caption, its index in val.jsonl, the seed and the model (t2i_ds.sampling):
+`report` prints the `t2i_ds.generate` command that regenerates one of them alone, identical byte for byte.
 
     python -m t2i_ds.demo --out runs/demo
 """
@@ -89,6 +92,7 @@ def train(out: Path, data: Path, args) -> None:
 def sample_and_score(out: Path, data: Path, args) -> dict:
     from t2i_ds.data.images import to_uint8
     from t2i_ds.eval.consistency import consistency_score
+    from t2i_ds.eval.generation import image_name, write_png
     from t2i_ds.inference import load_run
     from t2i_ds.sampling import generate_images, save_grid
 
@@ -101,16 +105,27 @@ def sample_and_score(out: Path, data: Path, args) -> dict:
     score = consistency_score(images, attrs)
     captions = [json.loads(line)["caption"] for line in (data / demo_data.VAL_CAPTIONS).read_text().splitlines()]
     save_grid(images[: args.grid], out / "samples.png", nrow=8, captions=captions[: args.grid])
+    for i, image in enumerate(images[: args.grid]):  # the grid's images, named by caption index
+        write_png(image, out / "samples" / image_name(i))
     score["sample_seconds"] = time.perf_counter() - t
     (out / "results.json").write_text(json.dumps(score, indent=2))
     return score
 
 
-def report(out: Path, score: dict) -> None:
+def regenerate_command(out: Path, args, index: int) -> list[str]:
+    """The command that regenerates grid image `index` alone (the same PNG as samples/{index:06d}.png)."""
+    cmd = ["python", "-m", "t2i_ds.generate", "--checkpoint", str(out / "train"), "--captions_file",
+           str(out / "data" / demo_data.VAL_CAPTIONS), "--indices", str(index), "--out_dir", str(out / "alone"),
+           "--cfg_scale", str(args.cfg_scale), "--seed", str(args.seed)]
+    return cmd + (["--top_k", str(args.top_k)] if args.top_k else [])
+
+
+def report(out: Path, score: dict, args) -> None:
     print("\n[demo] results")
     for key in ("color", "shape", "position"):
         print(f"  {key:9s} consistency {score[key]:.3f}   (chance {score['chance_' + key]:.3f})")
-    print(f"  images: {out / 'samples.png'}")
+    print(f"  images: {out / 'samples.png'} (and one by one in {out / 'samples'})")
+    print(f"  one image again, alone: {' '.join(regenerate_command(out, args, min(5, args.grid - 1)))}")
     print(f"  scores: {out / 'results.json'}")
     print(f"  logs:   tensorboard --logdir {out / 'train' / 'tb'}")
 
@@ -122,7 +137,7 @@ def main(argv=None) -> int:
     data = make_data(out, args)
     train(out, data, args)
     score = sample_and_score(out, data, args)
-    report(out, score)
+    report(out, score, args)
     print(f"[demo] done in {time.perf_counter() - t:.0f} s")
     return 0
 

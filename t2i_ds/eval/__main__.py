@@ -1,9 +1,15 @@
 """`python -m t2i_ds.eval`: evaluation commands.
 
-    python -m t2i_ds.eval fid --run RUN_DIR --captions coco30k.txt --reference val2014/ \
-        --inception inception-2015-12-05.pt --out runs/fid [--n 30000 --cfg_scale 3 --top_k 1000 --seed 0]
+    python -m t2i_ds.eval coco-captions --annotations captions_val2014.json --n 30000 --seed 0 --out coco30k.jsonl
+    python -m t2i_ds.eval fid --run RUN_DIR --captions coco30k.jsonl --reference val2014/ \
+        --inception inception-2015-12-05.pt --clip clip-vit-large-patch14/ --out runs/fid
+    python -m t2i_ds.eval fid --images samples/ --captions coco30k.jsonl --reference val2014/ \
+        --inception inception-2015-12-05.pt --out runs/fid
 
-`fid`: COCO FID of a run's samples, the GigaGAN / clean-fid protocol (t2i_ds.eval.fid describes it).
+`coco-captions`: one caption per image id of a COCO captions file, reproducibly (t2i_ds.eval.generation).
+`fid`: COCO FID (and CLIP score) of a run's samples, the GigaGAN / clean-fid protocol (t2i_ds.eval.fid describes
+it): with --run it generates the images first (resumable); with --images it scores PNGs already written, e.g. by
+`deepspeed --num_gpus 8 --module t2i_ds.generate --out_dir samples/ ...`.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from t2i_ds.eval import fid
+from t2i_ds.eval import fid, generation
 
 
 def load_run(run_dir, checkpoint: str | None, device: str):
@@ -27,29 +33,49 @@ def load_run(run_dir, checkpoint: str | None, device: str):
 
 def fid_main(args) -> int:
     """`python -m t2i_ds.eval fid ...`: check inputs, load, evaluate, print."""
-    for path, what in ((args.captions, "captions file"), (args.run, "run directory")):
+    if args.run is None and args.images is None:
+        raise ValueError("pass --run RUN_DIR (generate, then score) or --images DIR (score written images)")
+    checks = [(args.captions, "captions file")] + ([(args.run, "run directory")] if args.run else [])
+    if args.run is None:
+        checks.append((args.images, "images folder"))
+    for path, what in checks:
         if not Path(path).exists():
             raise FileNotFoundError(f"{what} {path} does not exist")
     if not Path(args.reference).exists():
         raise FileNotFoundError(f"reference {args.reference} does not exist (an image folder or an .npz)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     extractor = fid.TorchScriptExtractor(args.inception, device)  # before the model: a bad path fails in seconds
-    run = load_run(args.run, args.checkpoint, device)
-    report = fid.evaluate_fid(run, args.captions, args.reference, extractor, args.out, n=args.n, cfg_scale=args.cfg_scale,
-                          top_k=args.top_k or None, temperature=args.temperature, seed=args.seed,
-                          batch_size=args.batch_size, resize=args.resize or None, save_images=args.save_images,
-                          workers=args.workers, run_dir=args.run, checkpoint=args.checkpoint)
+    clip = None
+    if args.clip:
+        from t2i_ds.eval.clip_score import ClipScorer
+
+        clip = ClipScorer(args.clip, device)
+    run = load_run(args.run, args.checkpoint, device) if args.run else None
+    report = fid.evaluate_fid(run, args.captions, args.reference, extractor, args.out, images=args.images, clip=clip,
+                              n=args.n, cfg_scale=args.cfg_scale, top_k=args.top_k or None,
+                              temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
+                              resize=args.resize or None, workers=args.workers, run_dir=args.run,
+                              checkpoint=args.checkpoint)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def coco_captions_main(args) -> int:
+    rows, info = generation.coco_captions(args.annotations, args.n, args.seed)
+    out = generation.write_captions(rows, info, args.out)
+    print(f"wrote {len(rows)} captions (one per image id, seed {args.seed}) to {out}; selection in {generation.meta_path(out)}")
     return 0
 
 
 def add_fid_arguments(p) -> None:
     """The `fid` subcommand's flags (an argparse parser)."""
-    p.add_argument("--run", required=True, help="run directory of a trained model (newest complete checkpoint)")
+    p.add_argument("--run", default=None, help="run directory of a trained model: generate the images first (resumes)")
+    p.add_argument("--images", default=None, help="folder of {caption index:06d}.png to score (default with --run: OUT/images)")
     p.add_argument("--checkpoint", default=None, help="e.g. step_00095000 (default: the newest complete one)")
     p.add_argument("--captions", required=True, help=".txt (one caption a line) or .jsonl ('caption' key)")
     p.add_argument("--reference", required=True, help="reference image folder (e.g. COCO val2014) or an .npz of its stats")
     p.add_argument("--inception", required=True, help="local inception-2015-12-05.pt (TorchScript; never downloaded)")
+    p.add_argument("--clip", default=None, help="local CLIP model directory (save_pretrained; never downloaded): CLIP score")
     p.add_argument("--out", required=True, help="directory: fid.jsonl, reference_stats/, images/")
     p.add_argument("--n", type=int, default=30_000, help="first n captions (0: all)")
     p.add_argument("--cfg_scale", type=float, default=3.0)
@@ -58,22 +84,30 @@ def add_fid_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--resize", type=int, default=256, help="GigaGAN eval_res: LANCZOS to this size first (0: none)")
-    p.add_argument("--save_images", action="store_true", help="write out/images/{caption index:06d}.png")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers reading reference images")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers reading images")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def add_coco_arguments(p) -> None:
+    p.add_argument("--annotations", required=True, help="COCO captions file, e.g. annotations/captions_val2014.json")
+    p.add_argument("--n", type=int, default=30_000, help="images (one caption each); 0: every image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="coco30k.jsonl", help="the caption list (.jsonl; line i = caption index i)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="t2i_ds.eval", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    add_fid_arguments(sub.add_parser("fid", help="FID of a run's samples against reference images (clean-fid protocol)",
+    add_fid_arguments(sub.add_parser("fid", help="FID and CLIP score of a run's samples (clean-fid protocol)",
                                      description=fid.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    add_coco_arguments(sub.add_parser("coco-captions", help="one caption per COCO image id, reproducibly",
+                                      description=generation.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return fid_main(args)
+    return coco_captions_main(args) if args.command == "coco-captions" else fid_main(args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ distribution.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -17,6 +19,34 @@ from t2i_ds.model.args import ModelArgs
 from t2i_ds.model.attention import attention
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, S_past, H, D)
+
+
+@dataclass
+class StaticKV:
+    """One layer's preallocated keys and values for generation, each (B, H, S_max, D), written in place.
+
+    The decode loop writes the new tokens' k, v at their cache columns (`index_copy_`, no torch.cat, no
+    reallocation): every step sees tensors of the same shape at the same address, which CUDA graphs need.
+    Heads before positions: a prefix [:, :, :n] is what attention kernels read fastest (each head's keys
+    contiguous; measured on CPU SDPA, 1.9x faster than slicing a (B, S_max, H, D) buffer).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class RopeTable(NamedTuple):
+    """cos, sin tables built once per decode: (S_max, D) by position (`rotary`), or (1, 1, H, D) (`head_rotary`)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    by_head: bool
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, S) int64 -> cos, sin broadcastable to (B, S, H, D) (a gather, no trigonometry)."""
+        if self.by_head:
+            return self.cos, self.sin  # (1, 1, H, D)
+        return self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # (B, S, 1, D)
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
@@ -62,6 +92,15 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (..., D)
         return emb.cos(), emb.sin()
 
+    def table(self, length: int, n_heads: int, device: torch.device | str) -> RopeTable:
+        """cos, sin for positions [0, length) (or heads [0, n_heads) with head_rotary), computed once: the same
+        fp32 values `forward` computes for those positions, so a gathered row equals a recomputed one."""
+        n = n_heads if self.by_head else length
+        cos, sin = self._cos_sin(torch.arange(n, device=device, dtype=torch.float32))  # (n, D)
+        if self.by_head:
+            cos, sin = cos[None, None], sin[None, None]  # (1, 1, H, D)
+        return RopeTable(cos, sin, self.by_head)
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,9 +118,14 @@ class RotaryEmbedding(nn.Module):
             t = torch.arange(offset, offset + q.shape[1], device=q.device, dtype=torch.float32)  # (S,)
             cos, sin = self._cos_sin(t)  # (S, D)
             cos, sin = cos[None, :, None], sin[None, :, None]  # (1, S, 1, D)
-        q_out = q.float() * cos + rotate_half(q.float()) * sin
-        k_out = k.float() * cos + rotate_half(k.float()) * sin
-        return q_out.to(q.dtype), k_out.to(k.dtype)
+        return apply_rotary(q, k, cos, sin)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q, k (B, S, H, D) in fp32 by cos, sin broadcastable to them; results in the input dtypes."""
+    q_out = q.float() * cos + rotate_half(q.float()) * sin
+    k_out = k.float() * cos + rotate_half(k.float()) * sin
+    return q_out.to(q.dtype), k_out.to(k.dtype)
 
 
 class CustomAttn(nn.Module):
@@ -117,10 +161,7 @@ class CustomAttn(nn.Module):
         """x (B, S, dim); key_padding_mask (B, S_past + S) bool over every key, True = real; positions (B, S)
         per-row rotary positions of the new tokens (None: S_past, S_past + 1, ... for every row)."""
         B, S, _ = x.shape  # (B, S, dim)
-        q, k, v = self.in_proj(x).chunk(3, dim=-1)  # 3 x (B, S, dim)
-        if self.q_norm is not None:  # open_lm normalises the full vectors, before the head split
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.view(B, S, self.n_heads, self.head_dim) for t in (q, k, v))  # (B, S, H, D)
+        q, k, v = self._qkv(x)  # (B, S, H, D) each
         past_len = 0 if past is None else past[0].shape[1]
         if self.pos_embed is not None:
             q, k = self.pos_embed(q, k, offset=past_len, positions=positions)
@@ -128,6 +169,45 @@ class CustomAttn(nn.Module):
             k, v = torch.cat((past[0], k), dim=1), torch.cat((past[1], v), dim=1)  # (B, S_past + S, H, D)
         out = attention(q, k, v, causal=True, backend=self.backend, key_padding_mask=key_padding_mask)  # (B, S, H, D)
         return self.out_proj(out.reshape(B, S, self.dim)), (k, v)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, S, _ = x.shape  # (B, S, dim)
+        q, k, v = self.in_proj(x).chunk(3, dim=-1)  # 3 x (B, S, dim)
+        if self.q_norm is not None:  # open_lm normalises the full vectors, before the head split
+            q, k = self.q_norm(q), self.k_norm(k)
+        return tuple(t.view(B, S, self.n_heads, self.head_dim) for t in (q, k, v))  # (B, S, H, D) each
+
+    def forward_static(
+        self,
+        x: torch.Tensor,
+        cache: StaticKV,
+        index: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        key_padding_mask: torch.Tensor | None,
+        kv_len: int | None,
+    ) -> torch.Tensor:
+        """Generation with a preallocated cache: x (B, S, dim) are the tokens at cache columns `index` (S,) int64.
+
+        Their k, v are written into `cache` in place. kv_len = n: attend cache columns [0, n) causally, the new
+        tokens being the last S of them (prefill; eager decoding); key_padding_mask (B, n). kv_len = None: one
+        token (S == 1) attends the whole cache with key_padding_mask (B, S_max) marking the columns written so
+        far: every step has the same shapes (torch.compile / CUDA graphs). rope: cos, sin for the new tokens.
+        """
+        B, S, _ = x.shape  # (B, S, dim)
+        q, k, v = self._qkv(x)  # (B, S, H, D) each
+        if rope is not None:
+            q, k = apply_rotary(q, k, *rope)
+        cache.k.index_copy_(2, index, k.transpose(1, 2))  # (B, H, S_max, D), written in place
+        cache.v.index_copy_(2, index, v.transpose(1, 2))
+        keys, values = cache.k.transpose(1, 2), cache.v.transpose(1, 2)  # (B, S_max, H, D) views
+        if kv_len is None:
+            if S != 1 or key_padding_mask is None:
+                raise ValueError("forward_static over the whole cache needs one new token and a key_padding_mask")
+            causal = False  # the mask alone says which columns exist
+        else:
+            keys, values, causal = keys[:, :kv_len], values[:, :kv_len], True  # (B, kv_len, H, D) views
+        out = attention(q, keys, values, causal=causal, backend=self.backend, key_padding_mask=key_padding_mask)
+        return self.out_proj(out.reshape(B, S, self.dim))  # (B, S, dim)
 
 
 class SwiGLU(nn.Module):
@@ -170,3 +250,8 @@ class Block(nn.Module):
         a, kv = self.attention(self.attention_norm(x), past, key_padding_mask, positions)
         h = x + a
         return h + self.feed_forward(self.ffn_norm(h)), kv
+
+    def forward_static(self, x, cache: StaticKV, index, rope, key_padding_mask, kv_len) -> torch.Tensor:
+        """`forward` for generation with a preallocated cache (CustomAttn.forward_static)."""
+        h = x + self.attention.forward_static(self.attention_norm(x), cache, index, rope, key_padding_mask, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))

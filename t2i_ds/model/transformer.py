@@ -12,6 +12,7 @@ No DeepSpeed import here: t2i_ds.trainer.parallelize wraps the model for trainin
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,16 @@ import torch.utils.checkpoint
 
 from t2i_ds.model.args import ModelArgs
 from t2i_ds.model.head import LMHead, LossOutput
-from t2i_ds.model.layers import Block, KVCache, make_norm, trunc_normal_
+from t2i_ds.model.layers import Block, KVCache, RopeTable, StaticKV, make_norm, trunc_normal_
+
+
+@dataclass
+class DecodeCache:
+    """Everything a decode needs allocated once: per-layer K/V of (B, H, S_max, D) and rotary tables."""
+
+    layers: list[StaticKV]
+    rope: list[RopeTable | None]  # per layer (open_lm gives every layer its own `inv_freq`)
+    max_len: int
 
 
 class Transformer(nn.Module):
@@ -106,6 +116,45 @@ class Transformer(nn.Module):
         """
         h, caches = self.hidden_states(input_ids, past, key_padding_mask=key_padding_mask, positions=positions)
         return self.output(h[:, -1:])[:, 0], caches
+
+
+    def allocate_cache(self, batch: int, max_len: int) -> DecodeCache:
+        """Preallocated caches for `batch` rows of up to `max_len` tokens, in the parameters' dtype and device."""
+        w = self.tok_embeddings.weight
+        a = self.args
+        shape = (batch, a.n_heads, max_len, a.head_dim)
+        layers = [StaticKV(torch.zeros(shape, dtype=w.dtype, device=w.device), torch.zeros(shape, dtype=w.dtype, device=w.device))
+                  for _ in self.layers]
+        rope = [None if layer.attention.pos_embed is None else layer.attention.pos_embed.table(max_len, a.n_heads, w.device)
+                for layer in self.layers]
+        return DecodeCache(layers, rope, max_len)
+
+    @torch.no_grad()
+    def forward_static(
+        self,
+        input_ids: torch.Tensor,
+        cache: DecodeCache,
+        index: torch.Tensor,
+        *,
+        positions: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        kv_len: int | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Generation step on a preallocated cache: logits (B, rows) of the last position, fp32.
+
+        input_ids (B, S) go to cache columns `index` (S,) int64, with rotary positions (B, S) (a left-padded
+        row's real tokens at 0, 1, ..., see `hidden_states`). kv_len and key_padding_mask as in
+        `CustomAttn.forward_static`: kv_len = n attends columns [0, n) (mask (B, n) or None); None attends the
+        whole cache under a (B, S_max) mask of the written columns (static shapes for CUDA graphs). rows = (a, b)
+        computes only output rows [a, b) (the image ids while decoding an image), None all of them.
+        """
+        x = self.post_embed_norm(self.tok_embeddings(input_ids))  # (B, S, dim)
+        for layer, kv, table in zip(self.layers, cache.layers, cache.rope):
+            rope = None if table is None else table.at(positions)
+            x = layer.forward_static(x, kv, index, rope, key_padding_mask, kv_len)  # (B, S, dim)
+        h = self.norm(x[:, -1:])  # (B, 1, dim): the norm is per position, only the last one is sampled from
+        return self.output.logits(h, rows)[:, 0]  # (B, rows)
 
 
 def padded_positions(key_padding_mask: torch.Tensor) -> torch.Tensor:
