@@ -93,7 +93,7 @@ def bench_loader(tmp: Path, workers: int, micro_batch: int, step_seconds: float,
             samples = [ShardSample(f"{s:03d}{i:05d}", rng.integers(0, 16384, 1024), rng.integers(0, 50277, rng.integers(5, 60)),
                                    "caption", {}) for i in range(500)]
             write_shard(shard_dir / f"tokens-{s:06d}.tar", samples)
-    loader = TokenLoader(DataConfig(path=str(shard_dir), num_workers=workers, shuffle_buffer=1000), vocab, micro_batch)
+    loader = TokenLoader(DataConfig(path=str(shard_dir), num_workers=workers), vocab, micro_batch)
     next(loader)  # worker start-up and buffer fill are not steady state
     t0 = time.perf_counter()
     for _ in range(n_batches):

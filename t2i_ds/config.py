@@ -302,6 +302,9 @@ def _migrate(raw: dict) -> dict:
     return raw
 
 
+RETIRED_DATA_FIELDS = ("shuffle_buffer",)  # in config.json of older runs; the order now shuffles by shard window
+
+
 def from_dict(raw: dict) -> Config:
     """Rebuild (and so re-validate) a Config from plain data; unknown fields are errors (moved ones migrate)."""
     raw = _migrate(raw)
@@ -313,7 +316,7 @@ def from_dict(raw: dict) -> Config:
     try:
         for name, cls in sections.items():
             kwargs[name] = cls(**raw.get(name, {}))
-        data = raw.get("data")
+        data = {k: v for k, v in (raw.get("data") or {}).items() if k not in RETIRED_DATA_FIELDS}
         kwargs["data"] = None if not data else DataConfig(**data)
     except TypeError as e:  # unexpected keyword -> name it
         raise ConfigError(f"config: {e}") from None
