@@ -169,6 +169,9 @@ class TrainConfig:
     `steps`. For time-limited allocations: resume continues the same run. 0 disables."""
     signal_check_every: int = 10
     """Steps between the cross-rank agreement on a received SIGTERM/SIGINT (a tiny all-reduce)."""
+    record_samples: bool = False
+    """Write the sample ids of every step, per rank, to run_dir/samples/rank_NNNNN.jsonl (checks of the data
+    order, e.g. across a resume at another world size)."""
 
     def __post_init__(self) -> None:
         self.sample_captions = tuple(self.sample_captions)

@@ -8,6 +8,7 @@ distribution.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,20 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
 def trunc_normal_(t: torch.Tensor, std: float) -> None:
     """open_lm initialisation: truncated normal at +-3 std."""
     nn.init.trunc_normal_(t, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+InitStep = tuple[nn.Parameter, Callable[[torch.Tensor], None]]  # (parameter, fills it in place)
+
+
+def trunc_normal_step(p: nn.Parameter, std: float) -> InitStep:
+    return p, lambda t: trunc_normal_(t, std)
+
+
+def apply_init(steps: list[InitStep]) -> None:
+    """Run init steps in order (the order fixes which random numbers each parameter gets)."""
+    with torch.no_grad():
+        for p, fill in steps:
+            fill(p)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -102,10 +117,13 @@ class CustomAttn(nn.Module):
         self.layer_id = layer_id
         self.dim = args.dim
 
-    def reset_parameters(self) -> None:
+    def init_steps(self) -> list[InitStep]:
         std = 1.0 / math.sqrt(self.dim)
-        trunc_normal_(self.in_proj.weight, std)
-        trunc_normal_(self.out_proj.weight, std / math.sqrt(2 * (self.layer_id + 1)))  # depth-scaled
+        return [trunc_normal_step(self.in_proj.weight, std),
+                trunc_normal_step(self.out_proj.weight, std / math.sqrt(2 * (self.layer_id + 1)))]  # depth-scaled
+
+    def reset_parameters(self) -> None:
+        apply_init(self.init_steps())
 
     def forward(
         self,
@@ -141,9 +159,12 @@ class SwiGLU(nn.Module):
         self.layer_id = layer_id
         self.dim = args.dim
 
+    def init_steps(self) -> list[InitStep]:
+        return [trunc_normal_step(self.w12.weight, 1.0 / math.sqrt(self.dim)),
+                trunc_normal_step(self.w3.weight, 1.0 / math.sqrt(self.hidden) / math.sqrt(2 * (self.layer_id + 1)))]
+
     def reset_parameters(self) -> None:
-        trunc_normal_(self.w12.weight, 1.0 / math.sqrt(self.dim))
-        trunc_normal_(self.w3.weight, 1.0 / math.sqrt(self.hidden) / math.sqrt(2 * (self.layer_id + 1)))
+        apply_init(self.init_steps())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w12(x).chunk(2, dim=-1)  # 2 x (B, S, hidden); the first half is the gate

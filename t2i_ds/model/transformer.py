@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 
 from t2i_ds.model.args import ModelArgs
 from t2i_ds.model.head import LMHead, LossOutput
-from t2i_ds.model.layers import Block, KVCache, make_norm, trunc_normal_
+from t2i_ds.model.layers import Block, InitStep, KVCache, apply_init, make_norm, trunc_normal_step
 
 
 class Transformer(nn.Module):
@@ -36,21 +36,32 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False
         self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """open_lm init: truncated normal, std 1/sqrt(dim); output projections depth-scaled."""
-        if self.tok_embeddings.weight.is_meta:
-            return
+    def init_steps(self) -> list[InitStep]:
+        """open_lm init as (parameter, fill) steps in the order they draw random numbers: truncated normal,
+        std 1/sqrt(dim); output projections depth-scaled; norms gain 1, bias 0.
+
+        A caller that holds the parameters elsewhere (ZeRO-3 partitions them while the model is built) runs
+        these steps itself, one parameter at a time, and gets the same values from the same seed.
+        """
         std = 1.0 / math.sqrt(self.args.dim)
-        trunc_normal_(self.tok_embeddings.weight, std)
+        steps = [trunc_normal_step(self.tok_embeddings.weight, std)]
         if not self.args.weight_tying:
-            trunc_normal_(self.output.weight, std)
+            steps.append(trunc_normal_step(self.output.weight, std))
         for layer in self.layers:
-            layer.attention.reset_parameters()
-            layer.feed_forward.reset_parameters()
+            steps += layer.attention.init_steps() + layer.feed_forward.init_steps()
         for m in self.modules():
             if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-                m.reset_parameters()  # gain 1, bias 0
+                steps.append((m.weight, nn.init.ones_))
+                if m.bias is not None:
+                    steps.append((m.bias, nn.init.zeros_))
+        return steps
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Run `init_steps`, unless the parameters hold no data here (meta device, or partitioned away)."""
+        if any(p.is_meta or p.numel() == 0 for p in self.parameters()):
+            return
+        apply_init(self.init_steps())
 
     def hidden_states(
         self,

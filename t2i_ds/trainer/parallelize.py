@@ -1,9 +1,13 @@
 """Build the model from the config and wrap it for training: the only place that touches DeepSpeed.
 
 Order (each step needs the previous one):
-  1. build the architecture for the Vocab (vocab_size from the Vocab, never a literal)
+  1. build the architecture for the Vocab (vocab_size from the Vocab, never a literal); under ZeRO-3
+     inside `deepspeed.zero.Init`, so every parameter is partitioned as soon as its module exists and no
+     rank ever holds the whole model (a 7B model starts on ranks that could not hold it)
   2. initialise: open_lm init from a seed, or a pre-trained open_lm checkpoint with the vocabulary
-     extended (rows random / mean / aligned)
+     extended (rows random / mean / aligned). Under ZeRO-3 one parameter at a time is gathered
+     (`deepspeed.zero.GatheredParameters`), filled by the same steps in the same RNG order, and
+     re-partitioned: the values are those of the unpartitioned build, bit for bit
   3. freeze by preset (requires_grad by open_lm name): frozen parameters get no optimizer state and
      no gradient reduction, because DeepSpeed only sees the trainable ones
   4. activation checkpointing switch (per block, inside the model)
@@ -18,7 +22,7 @@ import torch
 
 from t2i_ds.config import Config, ConfigError
 from t2i_ds.model import Transformer, build_model, model_preset
-from t2i_ds.model.checkpoint import extend_vocab, load_aligned_rows, load_into, read_state_dict
+from t2i_ds.model.checkpoint import checked_state_dict, extend_vocab, load_aligned_rows, load_into, read_state_dict
 from t2i_ds.model.freeze import apply_freeze
 from t2i_ds.trainer.schedule import cosine_with_warmup
 from t2i_ds.vocab import Vocab
@@ -47,16 +51,64 @@ def pretrained_state(cfg: Config, vocab: Vocab, dim: int) -> dict:
     return extend_vocab(sd, vocab.size, init=init, seed=cfg.init.seed, rows=rows)
 
 
-def build_initialised_model(cfg: Config, vocab: Vocab) -> Transformer:
-    """Steps 1-4: architecture, init, freezing, activation checkpointing."""
+def zero_stage(ds_config: dict | None) -> int:
+    return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def build_initialised_model(cfg: Config, vocab: Vocab, ds_config: dict | None = None) -> Transformer:
+    """Steps 1-4: architecture, init, freezing, activation checkpointing (partitioned under ZeRO-3)."""
     args = model_args(cfg, vocab)
     torch.manual_seed(cfg.init.seed)
-    model = build_model(args, vocab.modality_bounds)
+    partitioned = zero_stage(ds_config) == 3
+    model = build_partitioned(args, vocab, ds_config) if partitioned else build_model(args, vocab.modality_bounds)
     if cfg.init.mode == "pretrained":
-        load_into(model, pretrained_state(cfg, vocab, args.dim))
+        state = pretrained_state(cfg, vocab, args.dim)
+        load_partitioned(model, state) if partitioned else load_into(model, state)
     model.freeze_report = apply_freeze(model, cfg.train.freeze)
     model.grad_checkpointing = cfg.model.grad_checkpointing
     return model
+
+
+def build_partitioned(args, vocab: Vocab, ds_config: dict) -> Transformer:
+    """The model built under `deepspeed.zero.Init`, initialised exactly as `build_model` would.
+
+    zero.Init partitions each module's parameters when its constructor returns, so the model's own
+    `reset_parameters` (which runs last) finds no data and leaves them; the default inits of nn.Linear /
+    nn.Embedding ran on whole tensors before that, drawing the same random numbers as without ZeRO. Then
+    every rank runs the model's `init_steps` on one gathered parameter at a time: the same draws in the
+    same order, rank 0's values kept (all ranks draw, so their RNG states stay equal too).
+    """
+    import deepspeed
+    from deepspeed.runtime.zero import GatheredParameters
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = build_model(args, vocab.modality_bounds)
+    for p, fill in model.init_steps():
+        with GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            fill(p)
+    return model
+
+
+def load_partitioned(model: Transformer, state_dict: dict) -> None:
+    """`load_into` for a model partitioned by zero.Init: the same strict check against the full shapes, then
+    one gathered parameter at a time is copied (rank 0's copy is kept) and re-partitioned."""
+    from deepspeed.runtime.zero import GatheredParameters
+
+    shapes = {n: tuple(p.ds_shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    sd = checked_state_dict(model, state_dict, shapes)
+    for name, p in model.named_parameters():
+        with GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            p.copy_(sd[name])
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name in sd and name not in params:
+                b.copy_(sd[name])
+
+
+def resident_parameter_elements(model: torch.nn.Module) -> int:
+    """Parameter elements this rank holds: its ZeRO-3 partitions, or every parameter without ZeRO-3."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
