@@ -107,8 +107,9 @@ def load_partitioned(model: Transformer, state_dict: dict) -> None:
 
 
 def resident_parameter_elements(model: torch.nn.Module) -> int:
-    """Parameter elements this rank holds: its ZeRO-3 partitions, or every parameter without ZeRO-3."""
-    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    """Parameter elements this rank holds: full tensors plus ZeRO-3 partitions (a partitioned parameter's
+    full tensor is empty until gathered)."""
+    return sum(p.data.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) for p in model.parameters())
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
