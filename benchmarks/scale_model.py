@@ -101,7 +101,8 @@ def formula_check(path: Path = COMMS_RESULTS) -> str:
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     ranks = sorted({r["ranks"] for r in rows})
     worst = max(r["max_rel_diff"] for r in rows)
-    return f"measured: DeepSpeed comms logger at {ranks} CPU ranks within {worst:.2%} of the formula (results/comms.jsonl)"
+    return (f"measured: DeepSpeed's comms logger at {' and '.join(map(str, ranks))} CPU ranks, ZeRO-2 and ZeRO-3, "
+            f"within {worst * 100:.4f}% of the formula (results/comms.jsonl)")
 
 
 def parameters(model: str) -> dict[str, tuple[int, bool]]:
@@ -172,15 +173,22 @@ def project(inp: Inputs, gpus: int | None = None, params: dict | None = None) ->
             "days_for_100B": PAPER_TOKENS / (tokens / step) / 86400, "comm_hidden": comm_s <= inp.overlap * compute}
 
 
-def crossover(inp: Inputs, params: dict, limit: int = 4096) -> int | None:
-    """Smallest GPU count (whole nodes) where communication no longer hides behind compute."""
-    n = inp.gpus_per_node
-    while n <= limit:
+def crossover(inp: Inputs, params: dict, limit: int = 1024) -> tuple[int | None, int | None]:
+    """(first, always): the smallest GPU count (whole nodes) where communication no longer hides behind
+    compute, and the smallest from which it never hides again (accumulation steps change with N, so the two
+    can differ). Sizes without a batch split within 10% are skipped."""
+    exposed = {}
+    for n in range(inp.gpus_per_node, limit + 1, inp.gpus_per_node):
         r = project(inp, n, params)
-        if r is not None and not r["comm_hidden"]:
-            return n
-        n += inp.gpus_per_node
-    return None
+        if r is not None:
+            exposed[n] = not r["comm_hidden"]
+    first = next((n for n, e in exposed.items() if e), None)
+    always = None
+    for n in sorted(exposed, reverse=True):
+        if not exposed[n]:
+            break
+        always = n
+    return first, always
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Inputs, str]:
@@ -210,7 +218,9 @@ def _fmt(v) -> str:
 def report(inp: Inputs) -> dict:
     params = parameters(inp.model)
     main_row = project(inp, params=params)
-    sweep = [r for n in (8, 16, 32, 64, 128, 256, 512) if (r := project(inp, n, params)) is not None]
+    sizes = (8, 16, 32, 64, 128, 256)
+    sweep = [r for n in sizes if (r := project(inp, n, params)) is not None]
+    unsplit = [n for n in sizes if n not in {r["gpus"] for r in sweep}]
     cross = crossover(inp, params)
     print("| input | value | source |\n|---|---|---|")
     for name in SOURCES:
@@ -225,13 +235,17 @@ def report(inp: Inputs) -> dict:
               f"({r['comm_all_reduce_s']:.3f} / {r['comm_all_gather_s']:.3f} / {r['comm_reduce_scatter_s']:.3f}) | "
               f"{r['exposed_comm_s']:.3f} | {r['step_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu_effective']:.1%} "
               f"| {r['days_for_100B']:.2f} |")
+    for n in unsplit:
+        print(f"| {n} | no split of {inp.tokens_per_step:,} tokens within 10% | | | | | | | |")
     print()
     if main_row:
         print(f"{inp.gpus} GPUs: {main_row['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, {main_row['step_s']:.3f} s per "
               f"{main_row['tokens_per_step']:,}-token step, {main_row['days_for_100B']:.2f} days for 100B tokens")
-    print(f"communication stops hiding behind compute at {cross} GPUs" if cross else "communication stays hidden up to 4,096 GPUs")
+    first, always = cross
+    print(f"communication stops hiding behind compute at {first} GPUs, and never hides again from {always} GPUs"
+          if first else "communication stays hidden at every size with a batch split")
     return {"inputs": {k: v for k, v in asdict(inp).items() if k != "sources"}, "sources": inp.sources,
-            "projection": main_row, "crossover_gpus": cross, "sweep": sweep}
+            "projection": main_row, "crossover_gpus": cross[0], "exposed_from_gpus": cross[1], "sweep": sweep}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,11 +33,11 @@ def test_paper_step_on_64_a100s(params):
 
 def test_crossover_and_inputs_move_it(params):
     base = scale_model.Inputs()
-    n = scale_model.crossover(base, params)
-    assert n is not None and not scale_model.project(base, n, params)["comm_hidden"]
+    n, always = scale_model.crossover(base, params)
+    assert n is not None and not scale_model.project(base, n, params)["comm_hidden"] and always >= n
     assert scale_model.project(base, 8, params)["comm_hidden"]  # inside one node NVLink hides it
     faster = scale_model.Inputs(grad_bytes=2)  # bf16 gradient communication halves the all-reduce
-    assert scale_model.crossover(faster, params) > n
+    assert scale_model.crossover(faster, params)[0] > n
     hidden = scale_model.Inputs(overlap=100.0)
     assert scale_model.project(hidden, 64, params)["exposed_comm_s"] == 0.0
 
