@@ -123,12 +123,71 @@ def _split_name(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
+class _SpecialHeader(Exception):
+    """A pax / GNU long-name header: the slow path (Python's tarfile) reads this tar."""
+
+
+def _header(block: bytes) -> tuple[str, int, bytes] | None:
+    """(name, size, type) of a 512-byte ustar header; None at the end-of-archive zeros or a garbage header
+    (bad checksum), where Python's tarfile stops too."""
+    if block.count(0) == 512:
+        return None
+    try:
+        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    if stored != sum(block[:148]) + 256 + sum(block[156:]):  # checksum field counted as 8 spaces
+        return None
+    kind = block[156:157]
+    if kind in (b"x", b"g", b"L", b"K"):
+        raise _SpecialHeader
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:263] == b"ustar\x00" and block[345:500].strip(b"\0"):  # POSIX ustar name prefix (not GNU's fields)
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "surrogateescape"), size, kind
+
+
+def _blocks(size: int) -> int:
+    return -(-size // 512) * 512
+
+
 def index_shard(path: str) -> np.ndarray:
     """int64 [n, 2]: byte span [start, end) of each sample's members, in tar order (headers only are read).
 
     Consecutive members with the same key form one sample (as WebDataset groups them). A garbage header ends
-    the index there (Python's tarfile stops silently); an unreadable tar gives an empty index.
+    the index there, as Python's tarfile stops there; an unreadable tar gives an empty index. Plain ustar
+    headers are parsed here (one 512-byte read and a seek per member); pax / GNU long names go through tarfile.
     """
+    spans: list[list[int]] = []
+    last_key = None
+    try:
+        with open(path, "rb") as f:
+            offset = 0
+            while True:
+                block = f.read(512)
+                head = _header(block) if len(block) == 512 else None
+                if head is None:
+                    break
+                name, size, kind = head
+                if kind in (b"0", b"\0", b"7"):  # regular file
+                    key, _ = _split_name(name)
+                    end = offset + 512 + size
+                    if key == last_key:
+                        spans[-1][1] = end
+                    else:
+                        spans.append([offset, end])
+                        last_key = key
+                offset += 512 + _blocks(size)
+                f.seek(offset)
+    except _SpecialHeader:
+        return _index_with_tarfile(path)
+    except OSError:
+        pass  # what was indexed stays usable; the missing samples count as corrupt_tar
+    return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+
+
+def _index_with_tarfile(path: str) -> np.ndarray:
     spans: list[list[int]] = []
     last_key = None
     try:
@@ -144,20 +203,38 @@ def index_shard(path: str) -> np.ndarray:
                     spans.append([info.offset, end])
                     last_key = key
     except (tarfile.TarError, OSError, EOFError):
-        pass  # what was indexed stays usable; the missing samples count as corrupt_tar
+        pass
     return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
 
 
 def _members(span: bytes, url: str) -> dict:
     """The members of one sample's byte span -> {"__key__", "__url__", suffix: bytes}."""
     sample: dict[str, Any] = {"__url__": url}
+    pos = 0
+    try:
+        while pos + 512 <= len(span):
+            head = _header(span[pos : pos + 512])
+            if head is None:
+                raise _Broken("corrupt_tar")
+            name, size, kind = head
+            if kind in (b"0", b"\0", b"7"):
+                key, suffix = _split_name(name)
+                sample.setdefault("__key__", key)
+                sample[suffix] = span[pos + 512 : pos + 512 + size]
+            pos += 512 + _blocks(size)
+    except _SpecialHeader:
+        return _members_with_tarfile(span, url)
+    return sample
+
+
+def _members_with_tarfile(span: bytes, url: str) -> dict:
+    sample: dict[str, Any] = {"__url__": url}
     with tarfile.open(fileobj=io.BytesIO(span), mode="r:") as tar:
         for info in tar:
-            if not info.isfile():
-                continue
-            key, suffix = _split_name(info.name)
-            sample.setdefault("__key__", key)
-            sample[suffix] = tar.extractfile(info).read()
+            if info.isfile():
+                key, suffix = _split_name(info.name)
+                sample.setdefault("__key__", key)
+                sample[suffix] = tar.extractfile(info).read()
     return sample
 
 
@@ -198,7 +275,7 @@ class _ShardReader:
         if j >= len(idx):
             raise _Broken("corrupt_tar")
         start, end = (int(x) for x in idx[j])
-        end = -(-end // 512) * 512  # whole tar blocks: the last member's data is padded to 512 bytes
+        end = start + _blocks(end - start)  # whole tar blocks: the last member's data is padded to 512 bytes
         try:
             f = self._lru(self._files, shard, lambda: open(self.shards[shard], "rb"), 16, lambda fh: fh.close())
             f.seek(start)
