@@ -36,15 +36,19 @@ def trunc_normal_(t: torch.Tensor, std: float) -> None:
     nn.init.trunc_normal_(t, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
 
-InitStep = tuple[nn.Parameter, Callable[[torch.Tensor], None]]  # (parameter, fills it in place)
+InitStep = tuple[nn.Parameter, Callable[[torch.Tensor], None]]  # (parameter, fills a tensor of its shape in place)
 
 
 def trunc_normal_step(p: nn.Parameter, std: float) -> InitStep:
     return p, lambda t: trunc_normal_(t, std)
 
 
+def constant_step(p: nn.Parameter, value: float) -> InitStep:
+    return p, lambda t: nn.init.constant_(t, value)
+
+
 def apply_init(steps: list[InitStep]) -> None:
-    """Run init steps in order (the order fixes which random numbers each parameter gets)."""
+    """Run init steps in order from the global RNG (the order fixes which random numbers each parameter gets)."""
     with torch.no_grad():
         for p, fill in steps:
             fill(p)

@@ -19,11 +19,11 @@ import torch.utils.checkpoint
 
 from t2i_ds.model.args import ModelArgs
 from t2i_ds.model.head import LMHead, LossOutput
-from t2i_ds.model.layers import Block, InitStep, KVCache, apply_init, make_norm, trunc_normal_step
+from t2i_ds.model.layers import Block, InitStep, KVCache, apply_init, constant_step, make_norm, trunc_normal_step
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, modality_bounds: tuple[int, ...] = ()):
+    def __init__(self, args: ModelArgs, modality_bounds: tuple[int, ...] = (), init: bool = True):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
@@ -34,14 +34,15 @@ class Transformer(nn.Module):
         if args.weight_tying:  # as open_lm: the embedding shares the output's Parameter
             self.tok_embeddings.weight = self.output.weight
         self.grad_checkpointing = False
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     def init_steps(self) -> list[InitStep]:
         """open_lm init as (parameter, fill) steps in the order they draw random numbers: truncated normal,
         std 1/sqrt(dim); output projections depth-scaled; norms gain 1, bias 0.
 
-        A caller that holds the parameters elsewhere (ZeRO-3 partitions them while the model is built) runs
-        these steps itself, one parameter at a time, and gets the same values from the same seed.
+        A caller that holds the parameters elsewhere (ZeRO-3 partitions them while the model is built, see
+        t2i_ds.trainer.parallelize) runs these steps itself, one parameter at a time, in this order.
         """
         std = 1.0 / math.sqrt(self.args.dim)
         steps = [trunc_normal_step(self.tok_embeddings.weight, std)]
@@ -51,15 +52,15 @@ class Transformer(nn.Module):
             steps += layer.attention.init_steps() + layer.feed_forward.init_steps()
         for m in self.modules():
             if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-                steps.append((m.weight, nn.init.ones_))
+                steps.append(constant_step(m.weight, 1.0))
                 if m.bias is not None:
-                    steps.append((m.bias, nn.init.zeros_))
+                    steps.append(constant_step(m.bias, 0.0))
         return steps
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Run `init_steps`, unless the parameters hold no data here (meta device, or partitioned away)."""
-        if any(p.is_meta or p.numel() == 0 for p in self.parameters()):
+        """Run `init_steps` (not on the meta device)."""
+        if self.tok_embeddings.weight.is_meta:
             return
         apply_init(self.init_steps())
 
@@ -132,7 +133,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(args: ModelArgs, modality_bounds: tuple[int, ...] = (), device: str | torch.device = "cpu") -> Transformer:
-    """Instantiate on `device` ("meta" allocates nothing, for counting and sharded init)."""
+def build_model(args: ModelArgs, modality_bounds: tuple[int, ...] = (), device: str | torch.device = "cpu",
+                init: bool = True) -> Transformer:
+    """Instantiate on `device` ("meta" allocates nothing, for counting and sharded init); `init=False` leaves the
+    parameters to the caller (`init_steps`)."""
     with torch.device(device):
-        return Transformer(args, modality_bounds)
+        return Transformer(args, modality_bounds, init)

@@ -5,9 +5,10 @@ Order (each step needs the previous one):
      inside `deepspeed.zero.Init`, so every parameter is partitioned as soon as its module exists and no
      rank ever holds the whole model (a 7B model starts on ranks that could not hold it)
   2. initialise: open_lm init from a seed, or a pre-trained open_lm checkpoint with the vocabulary
-     extended (rows random / mean / aligned). Under ZeRO-3 one parameter at a time is gathered
-     (`deepspeed.zero.GatheredParameters`), filled by the same steps in the same RNG order, and
-     re-partitioned: the values are those of the unpartitioned build, bit for bit
+     extended (rows random / mean / aligned). Under ZeRO-3 the init is the unpartitioned build's, bit for
+     bit, on any device (`init_partitioned`): one parameter at a time is gathered
+     (`deepspeed.zero.GatheredParameters`), filled on rank 0 from the CPU generator in the same order, and
+     re-partitioned
   3. freeze by preset (requires_grad by open_lm name): frozen parameters get no optimizer state and
      no gradient reduction, because DeepSpeed only sees the trainable ones
   4. activation checkpointing switch (per block, inside the model)
@@ -19,11 +20,13 @@ Order (each step needs the previous one):
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from t2i_ds.config import Config, ConfigError
 from t2i_ds.model import Transformer, build_model, model_preset
 from t2i_ds.model.checkpoint import checked_state_dict, extend_vocab, load_aligned_rows, load_into, read_state_dict
 from t2i_ds.model.freeze import apply_freeze
+from t2i_ds.model.head import LMHead
 from t2i_ds.trainer.schedule import cosine_with_warmup
 from t2i_ds.vocab import Vocab
 
@@ -60,7 +63,10 @@ def build_initialised_model(cfg: Config, vocab: Vocab, ds_config: dict | None = 
     args = model_args(cfg, vocab)
     torch.manual_seed(cfg.init.seed)
     partitioned = zero_stage(ds_config) == 3
-    model = build_partitioned(args, vocab, ds_config) if partitioned else build_model(args, vocab.modality_bounds)
+    if partitioned:
+        model = build_partitioned(args, vocab, ds_config, init=cfg.init.mode == "random")
+    else:
+        model = build_model(args, vocab.modality_bounds)
     if cfg.init.mode == "pretrained":
         state = pretrained_state(cfg, vocab, args.dim)
         load_partitioned(model, state) if partitioned else load_into(model, state)
@@ -69,24 +75,56 @@ def build_initialised_model(cfg: Config, vocab: Vocab, ds_config: dict | None = 
     return model
 
 
-def build_partitioned(args, vocab: Vocab, ds_config: dict) -> Transformer:
-    """The model built under `deepspeed.zero.Init`, initialised exactly as `build_model` would.
-
-    zero.Init partitions each module's parameters when its constructor returns, so the model's own
-    `reset_parameters` (which runs last) finds no data and leaves them; the default inits of nn.Linear /
-    nn.Embedding ran on whole tensors before that, drawing the same random numbers as without ZeRO. Then
-    every rank runs the model's `init_steps` on one gathered parameter at a time: the same draws in the
-    same order, rank 0's values kept (all ranks draw, so their RNG states stay equal too).
-    """
+def build_partitioned(args, vocab: Vocab, ds_config: dict, init: bool) -> Transformer:
+    """The model built under `deepspeed.zero.Init` (each module's parameters partitioned when its constructor
+    returns, on the accelerator, in the ds_config's dtype), with the values `build_model` gives on CPU."""
     import deepspeed
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):  # the constructors' draws (on the accelerator) are undone
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = build_model(args, vocab.modality_bounds, init=False)
+    if init:
+        init_partitioned(model)
+    return model
+
+
+def init_partitioned(model: Transformer) -> None:
+    """The unpartitioned build's init, bit for bit, whatever the device and dtype: rank 0 replays on CPU the
+    random draws that building the model on CPU makes (torch's default init of each nn.Linear and nn.Embedding,
+    in construction order, on a throwaway copy), then runs the model's `init_steps` in order from the same
+    generator, one gathered parameter at a time, in fp32, copied into the partitioned parameter. The other
+    ranks take rank 0's generator state, as if they had drawn too."""
     from deepspeed.runtime.zero import GatheredParameters
 
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = build_model(args, vocab.modality_bounds)
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        replay_construction_draws(model)
     for p, fill in model.init_steps():
         with GatheredParameters([p], modifier_rank=0), torch.no_grad():
-            fill(p)
-    return model
+            if rank0:
+                full = torch.empty(p.shape, dtype=torch.float32)  # the gathered shape, on CPU
+                fill(full)
+                p.copy_(full)
+    state = [torch.get_rng_state()]
+    torch.distributed.broadcast_object_list(state, src=0)
+    torch.set_rng_state(state[0])
+
+
+NO_DEFAULT_DRAWS = (nn.LayerNorm, nn.RMSNorm, nn.Identity, LMHead)  # constructors that draw no random numbers
+
+
+def replay_construction_draws(model: torch.nn.Module) -> None:
+    """Draw what constructing `model` on CPU draws, module by module in construction (= registration) order."""
+    for name, m in model.named_modules():
+        own = list(m.parameters(recurse=False))
+        if isinstance(m, nn.Linear):
+            nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)  # kaiming_uniform_ (+ bias uniform_)
+        elif isinstance(m, nn.Embedding):
+            nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx)  # normal_
+        elif own and not isinstance(m, NO_DEFAULT_DRAWS):
+            raise TypeError(f"{name} ({type(m).__name__}): unknown constructor draws; add its replay here so "
+                            "ZeRO-3 construction keeps the unpartitioned init")
 
 
 def load_partitioned(model: Transformer, state_dict: dict) -> None:
