@@ -3,15 +3,11 @@
 Runs `t2i_ds.train` (DeepSpeed engine, synthetic sequences of the paper's layout) for a few steps,
 reads the trainer's own metrics (tokens/s per device, model TFLOP/s, MFU, peak memory), appends one
 JSON line per configuration to benchmarks/results/train.jsonl with device, versions, commit and
-date, and prints a table with the projection:
-
-    A100 tokens/s/GPU  = MFU_measured x 312e12 / FLOPs_per_token          (same MFU assumed on A100)
-    64 x A100 tokens/s = 64 x that x scaling                               (scaling: data-parallel efficiency, default 0.9)
-    days for 100B      = 1e11 / (64 x A100 tokens/s) / 86400
-
-The MFU transfer is an assumption (H100 and A100 differ in memory bandwidth/compute ratio); the
-scaling factor is a stated guess until measured on several nodes. On CPU (no peak FLOP/s known)
-no projection is printed.
+date, and prints a table with the projection to 64 A100-80GB of benchmarks/scale_model.py: compute
+from this run's MFU (transferred to A100: an assumption, H100 and A100 differ in bandwidth/compute
+ratio), communication from the ZeRO volume formulas (counted with DeepSpeed's comms logger) over
+NVLink / InfiniBand ring costs, overlap as stated there. On CPU (no peak FLOP/s known) no projection
+is printed.
 
     python benchmarks/bench_train.py --preset open_lm_1b --micro-batch 8 --ds-config ds_configs/zero2.json
     python benchmarks/bench_train.py --smoke          # debug model on CPU: checks the script end to end
@@ -32,8 +28,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-A100_PEAK = 312e12
-PAPER_TOKENS = 100e9
 
 
 def device_info() -> dict:
@@ -86,12 +80,20 @@ def summarise(metrics: list[dict], skip: int) -> dict:
     return {k: sum(m[k] for m in kept) / len(kept) for k in keys if all(k in m for m in kept)}
 
 
-def project(summary: dict, flops_per_token: float, scaling: float) -> dict:
-    if "perf/mfu" not in summary:
+def project(summary: dict, model: str, stage: int) -> dict:
+    """64 x A100-80GB through benchmarks/scale_model.py, with this run's MFU (empty without a measured MFU)."""
+    if "perf/mfu" not in summary or model != "open_lm_1b":
         return {}
-    per_gpu = summary["perf/mfu"] * A100_PEAK / flops_per_token
-    total = 64 * per_gpu * scaling
-    return {"a100_tokens_per_s_per_gpu": per_gpu, "a100x64_tokens_per_s": total, "days_for_100B": PAPER_TOKENS / total / 86400}
+    from scale_model import SOURCES, Inputs
+    from scale_model import project as scale_project
+
+    inp = Inputs(mfu=summary["perf/mfu"], stage=stage, sources={**SOURCES, "mfu": "measured: this run (bench_train.py)"})
+    r = scale_project(inp)
+    if r is None:
+        return {}
+    return {"a100_tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"], "a100x64_tokens_per_s": r["tokens_per_s_per_gpu"] * 64,
+            "a100x64_step_s": r["step_s"], "a100x64_exposed_comm_s": r["exposed_comm_s"], "days_for_100B": r["days_for_100B"],
+            "projection_inputs": {k: getattr(inp, k) for k in SOURCES}}
 
 
 def main() -> None:
@@ -108,7 +110,6 @@ def main() -> None:
     p.add_argument("--loss-impl", default="auto")
     p.add_argument("--attn-backend", default="auto")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--scaling", type=float, default=0.9, help="assumed data-parallel efficiency at 64 GPUs")
     p.add_argument("--set", action="append", default=[], help="extra trainer overrides")
     p.add_argument("--smoke", action="store_true", help="debug model on CPU, a few steps")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.jsonl"))
@@ -139,7 +140,7 @@ def main() -> None:
         **device_info(), "model": args.preset, "ds_config": Path(args.ds_config).name, "micro_batch": args.micro_batch,
         "tokens_per_step": args.tokens_per_step, "steps": args.steps, "gpus": args.gpus, "loss_impl": args.loss_impl,
         "attn_backend": args.attn_backend, "grad_checkpointing": args.grad_checkpointing, "flops_per_token": fpt,
-        **summary, **project(summary, fpt, args.scaling), "scaling_assumed": args.scaling,
+        **summary, **project(summary, args.preset, json.loads(Path(args.ds_config).read_text())["zero_optimization"]["stage"]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:

@@ -171,6 +171,9 @@ class TrainConfig:
     `steps`. For time-limited allocations: resume continues the same run. 0 disables."""
     signal_check_every: int = 10
     """Steps between the cross-rank agreement on a received SIGTERM/SIGINT (a tiny all-reduce)."""
+    record_samples: bool = False
+    """Write the sample ids of every step, per rank, to run_dir/samples/rank_NNNNN.jsonl (checks of the data
+    order, e.g. across a resume at another world size)."""
 
     def __post_init__(self) -> None:
         self.sample_captions = tuple(self.sample_captions)
@@ -304,6 +307,9 @@ def _migrate(raw: dict) -> dict:
     return raw
 
 
+RETIRED_DATA_FIELDS = ("shuffle_buffer",)  # in config.json of older runs; the order now shuffles by shard window
+
+
 def from_dict(raw: dict) -> Config:
     """Rebuild (and so re-validate) a Config from plain data; unknown fields are errors (moved ones migrate)."""
     raw = _migrate(raw)
@@ -315,7 +321,7 @@ def from_dict(raw: dict) -> Config:
     try:
         for name, cls in sections.items():
             kwargs[name] = cls(**raw.get(name, {}))
-        data = raw.get("data")
+        data = {k: v for k, v in (raw.get("data") or {}).items() if k not in RETIRED_DATA_FIELDS}
         kwargs["data"] = None if not data else DataConfig(**data)
     except TypeError as e:  # unexpected keyword -> name it
         raise ConfigError(f"config: {e}") from None

@@ -1,17 +1,16 @@
-"""TokenLoader: sequence layout, rank/worker split, exact resume, broken records, text mixing."""
+"""TokenLoader: sequence layout, world-size-independent order, exact resume, broken records, text mixing."""
 
 import io
 import json
 import tarfile
-from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
 from t2i_ds.data.config import DataConfig
-from t2i_ds.data.loader import BrokenDataError, TokenLoader, _Slot
-from t2i_ds.data.shards import ShardSample, list_shards, write_shard
+from t2i_ds.data.loader import BrokenDataError, TokenLoader, index_shard
+from t2i_ds.data.shards import ShardSample, write_shard
 from t2i_ds.vocab import IGNORE, tiny_vocab
 
 VOCAB = tiny_vocab()  # 300 text ids, 64 codes, 16 tokens per image, seq_len 40 -> 18 caption tokens
@@ -50,7 +49,7 @@ def shards(tmp_path_factory):
 
 
 def cfg(path, **kw) -> DataConfig:
-    return DataConfig(path=str(path), **{"num_workers": 0, "shuffle_buffer": 8, "seed": 3, **kw})
+    return DataConfig(path=str(path), **{"num_workers": 0, "seed": 3, **kw})
 
 
 def test_batch_layout_t2i(shards):
@@ -86,27 +85,39 @@ def test_epoch_covers_every_sample_once_and_reshuffles(shards):
     assert seen[:120] != seen[120:] and seen[:120] != list(range(120))
 
 
-@pytest.mark.parametrize("n_shards_per_slot", ["by_shard", "by_sample"])
-def test_ranks_and_workers_are_disjoint_and_cover(tmp_path, n_shards_per_slot):
-    # 12 shards >= 4 slots: split by shard; 3 shards < 4 slots: every slot keeps every 4th record.
-    path = make_shards(tmp_path, 120, 10 if n_shards_per_slot == "by_shard" else 40)
-    seen = []
-    for rank in range(2):
-        for worker in range(2):
-            slot = _Slot(cfg(path, num_workers=2), VOCAB, list_shards(path), rank * 2 + worker, 4)
-            keys = [int(r.key) for r in slot.records(epoch=5)]
-            assert keys, (rank, worker)
-            seen.append(set(keys))
-    assert sum(len(s) for s in seen) == 120 and set().union(*seen) == set(range(120))
+def global_batches(path, steps, micro_batch, grad_accum, world_size, **kw):
+    """Sample ids of each global step, gathered from every rank's loader (rank-major, micro-step order)."""
+    loaders = [TokenLoader(cfg(path, **kw), VOCAB, micro_batch, rank=r, world_size=world_size, grad_accum=grad_accum)
+               for r in range(world_size)]
+    out = []
+    for _ in range(steps):
+        out.append([i for ld in loaders for _ in range(grad_accum) for i in ids_of([next(ld)])])
+    return out
 
 
-def test_two_ranks_two_workers_through_the_dataloader(shards):
-    per_rank = []
-    for rank in range(2):
-        loader = TokenLoader(cfg(shards, num_workers=2), VOCAB, micro_batch=5, rank=rank, world_size=2)
-        per_rank.append(ids_of([next(loader) for _ in range(6)]))  # 30 of each rank's 60 samples per epoch
-    assert not set(per_rank[0]) & set(per_rank[1])
-    assert all(len(set(r)) == 30 for r in per_rank)
+@pytest.mark.parametrize("world_size,grad_accum,micro_batch,workers", [(2, 1, 6, 0), (1, 2, 6, 2), (3, 2, 2, 2), (4, 3, 1, 0)])
+def test_global_batches_do_not_depend_on_ranks_workers_or_split(shards, world_size, grad_accum, micro_batch, workers):
+    """Global batch t (12 rows) holds the same samples in the same order at any world size, worker count and
+    micro-batch split; over an epoch every sample appears once."""
+    ref = global_batches(shards, 12, 12, 1, 1)
+    got = global_batches(shards, 12, micro_batch, grad_accum, world_size, num_workers=workers)
+    assert got == ref
+    assert sorted(sum(ref[:10], [])) == list(range(120))  # 10 steps x 12 = one epoch
+
+
+def test_shuffle_windows_mix_shards_and_bound_memory(shards):
+    """Window of 3 shards: every window's 30 samples come from exactly 3 shards, in a shuffled order."""
+    loader = TokenLoader(cfg(shards, shuffle_window=3), VOCAB, micro_batch=30)
+    seen = ids_of([next(loader) for _ in range(4)])
+    for w in range(4):
+        window = seen[30 * w : 30 * (w + 1)]
+        assert len({i // 10 for i in window}) == 3 and window != sorted(window)
+    assert sorted(seen) == list(range(120))
+
+
+def test_tar_index_matches_the_shard(shards):
+    idx = index_shard(str(shards / "tokens-000003.tar"))
+    assert idx.shape == (10, 2) and (np.diff(idx[:, 0]) > 0).all() and (idx[:, 1] > idx[:, 0]).all()
 
 
 def run_resume(path, steps_before, steps_after, micro_batch=4, vocab=VOCAB, **kw):
@@ -128,12 +139,9 @@ def test_resume_is_exact_in_process(shards):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["targets"], b["targets"])
 
 
-def test_resume_with_workers_repeats_and_skips_nothing(shards):
+def test_resume_with_workers_is_exact(shards):
     ref, before, after = run_resume(shards, 13, 20, num_workers=2)
-    got, expect = Counter(ids_of(before + after)), Counter(ids_of(ref))
-    assert got == expect  # same multiset: only the interleaving of the two workers may differ
-    per_worker_ref = [ids_of(ref[w::2]) for w in range(2)]
-    assert ids_of(before[0::2] + after[1::2]) != [] and sorted(sum(per_worker_ref, [])) == sorted(got.elements())
+    assert ids_of(before + after) == ids_of(ref)
 
 
 def test_resume_with_text_mixing_and_dropout(shards, tmp_path):
@@ -155,13 +163,51 @@ def test_resume_with_text_mixing_and_dropout(shards, tmp_path):
         assert tuple(row[2:end].tolist()) in docs
 
 
-def test_changed_layout_restarts_the_epoch_with_a_warning(shards):
-    first = TokenLoader(cfg(shards), VOCAB, micro_batch=4)
-    [next(first) for _ in range(40)]  # epoch 1, 40 samples in
-    other = TokenLoader(cfg(shards, num_workers=2), VOCAB, micro_batch=4)
-    with pytest.warns(UserWarning, match="epoch 1"):
+def rows_of(loaders, steps, grad_accum):
+    """Input rows of each global step from every rank's loader, concatenated rank-major."""
+    return [torch.cat([next(ld)["input_ids"] for ld in loaders for _ in range(grad_accum)]) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("before,after", [((2, 1), (1, 2)), ((1, 2), (2, 1)), ((1, 2), (4, 1))])
+def test_resume_at_another_world_size_continues_the_global_order(shards, tmp_path, before, after):
+    """(world_size, grad_accum) before and after the checkpoint, global batch 8 rows: the steps after the resume
+    equal an uninterrupted run's, text mixing and caption dropout included."""
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"document number {i}" for i in range(7)))
+    vocab = tiny_vocab(text_size=50_432, real_text_size=50_277)
+    kw = dict(text_mix_ratio=0.25, text_path=str(text), caption_dropout=0.3, shuffle_window=5)
+
+    def loaders(world, accum):
+        return [TokenLoader(cfg(shards, **kw), vocab, 8 // (world * accum), r, world, grad_accum=accum) for r in range(world)]
+
+    ref = rows_of(loaders(1, 1), 30, 1)
+    first = loaders(*before)
+    head = rows_of(first, 17, before[1])
+    states = [json.loads(json.dumps(ld.state_dict())) for ld in first]
+    assert all(st["position"] == 17 * 8 and st["micro"] == 0 for st in states)  # global: the same on every rank
+    resumed = loaders(*after)
+    for ld in resumed:
+        ld.load_state_dict(states[0])
+    tail = rows_of(resumed, 13, after[1])
+    for a, b in zip(ref, head + tail):
+        assert torch.equal(a, b)
+
+
+def test_mid_step_state_with_another_split_restarts_the_step(shards):
+    first = TokenLoader(cfg(shards), VOCAB, micro_batch=2, grad_accum=2)
+    [next(first) for _ in range(5)]  # step 2, one micro-batch in
+    assert (first.state_dict()["position"], first.state_dict()["micro"]) == (8, 1)
+    other = TokenLoader(cfg(shards), VOCAB, micro_batch=4)
+    with pytest.warns(UserWarning, match="restarting that step at global position 8"):
         other.load_state_dict(first.state_dict())
-    assert {w: p.epoch for w, p in other._positions.items()} == {0: 1, 1: 1}
+    ref = TokenLoader(cfg(shards), VOCAB, micro_batch=4)
+    assert ids_of([next(other)]) == ids_of([next(ref) for _ in range(3)][-1:])  # rows 8-11
+
+
+def test_sample_keys_of_each_batch(shards):
+    loader = TokenLoader(cfg(shards), VOCAB, micro_batch=3)
+    batch = next(loader)
+    assert [int(k) for k in loader.last_keys] == ids_of([batch])
 
 
 # ---- broken records --------------------------------------------------------------------------------
@@ -216,9 +262,13 @@ def test_broken_records_are_skipped_and_counted(tmp_path):
     (tmp_path / "x-000000.stats.json").rename(tmp_path / "tokens-000003.stats.json")
     (tmp_path / "x-000000.tar").unlink()
     loader = TokenLoader(cfg(tmp_path, max_broken_fraction=1.0), VOCAB, micro_batch=4)
-    got = ids_of([next(loader) for _ in range(40)])
-    assert -1 not in got and set(got) <= set(range(20)) | set(range(100, 140)) | set(range(200, 210))
+    batches = [next(loader) for _ in range(40)]
+    got = ids_of(batches)
+    assert set(got) - {-1} <= set(range(20)) | set(range(100, 140)) | set(range(200, 210))
     stats = loader.stats
+    # a broken record leaves an all-pad row without targets in its place: later rows do not shift
+    empty = [(b["input_ids"][i] == VOCAB.pad_id).all() and (b["targets"][i] == IGNORE).all() for b in batches for i in range(4)]
+    assert sum(empty) == got.count(-1) == sum(v for k, v in stats.items() if k.startswith("broken:")) > 0
     for reason in ("truncated_codes", "wrong_dtype", "codes_out_of_range", "bad_codes", "ids_out_of_range", "bad_json",
                    "missing_member", "corrupt_tar"):
         assert stats[f"broken:{reason}"] > 0, (reason, dict(stats))

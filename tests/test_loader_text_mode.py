@@ -11,7 +11,7 @@ from tests.trainer_utils import write_random_shards
 def test_text_mode_yields_captions_only(tmp_path):
     vocab = tiny_vocab()
     write_random_shards(tmp_path, n_shards=2, per_shard=10, vocab=vocab, seed=3)
-    loader = TokenLoader(DataConfig(path=str(tmp_path), mode="text", num_workers=0, shuffle_buffer=0), vocab, micro_batch=4)
+    loader = TokenLoader(DataConfig(path=str(tmp_path), mode="text", num_workers=0), vocab, micro_batch=4)
     batch = next(loader)
     targets = batch["targets"]
     assert not ((targets >= vocab.image_offset) & (targets < vocab.special_offset)).any()  # no image target

@@ -167,7 +167,7 @@ def test_prepare_writes_shards_and_summary(prepared, photos, movq_dir):
 
 
 def test_prepared_shards_through_the_loader(prepared):
-    loader = TokenLoader(DataConfig(path=str(prepared), num_workers=0, shuffle_buffer=0), VOCAB, micro_batch=11)
+    loader = TokenLoader(DataConfig(path=str(prepared), num_workers=0), VOCAB, micro_batch=11)
     x = next(loader)["input_ids"]  # one epoch: all 11 samples, compared as a set of rows
     assert x.shape == (11, 48) and x.dtype == torch.int64
     samples = [s for p in list_shards(prepared) for s in read_shard(p)]

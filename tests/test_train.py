@@ -90,8 +90,14 @@ def test_tensorboard_has_per_modality_tags(golden_runs):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("loss/total", "loss/text", "loss/image", "ppl/text", "ppl/image", "lr", "grad_norm",
-                "perf/tokens_per_s", "perf/tflops_per_device", "tokens/seen", "params/trainable"):
+                "perf/tokens_per_s", "perf/tflops_per_device", "tokens/seen", "params/trainable",
+                "perf/tokens_per_s/text", "perf/tokens_per_s/image", "perf/tokens_per_s/special", "perf/tokens_per_s/pad",
+                "perf/tflops_per_device/image", "perf/tflops_per_device/pad", "perf/pad_flops_share"):
         assert tag in tags, tag
+    m = metrics(golden_runs["single"])[-1]  # the per-class split adds up to the totals
+    assert sum(m[f"perf/tokens_per_s/{c}"] for c in ("text", "image", "special", "pad")) == pytest.approx(m["perf/tokens_per_s"])
+    assert sum(m[f"perf/tflops_per_device/{c}"] for c in ("text", "image", "special", "pad")) == pytest.approx(
+        m["perf/tflops_per_device"], rel=1e-9)
     text_loss = [e.value for e in acc.Scalars("loss/text")]
     assert len(text_loss) == STEPS  # event files store float32
     assert text_loss == pytest.approx([m["loss/text"] for m in metrics(golden_runs["single"])], rel=1e-6)
@@ -109,7 +115,7 @@ def test_stop_and_resume_is_bit_exact(tmp_path):
     write_random_shards(tmp_path / "shards", n_shards=3, per_shard=20, vocab=vocab)
     common = ["--ds_config", DS_ZERO2, "--preset", "debug", "--set", "train.data_source=shards",
               "--set", f"data.path={tmp_path / 'shards'}", "--set", "data.num_workers=1",
-              "--set", "data.shuffle_buffer=8", "--set", "train.steps=8"]
+              "--set", "data.shuffle_window=2", "--set", "train.steps=8"]
     train([*common, "--set", f"train.run_dir={tmp_path / 'full'}"])
     part = tmp_path / "part"
     train([*common, "--set", f"train.run_dir={part}", "--set", "train.stop_after_steps=4"])

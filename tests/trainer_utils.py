@@ -80,3 +80,34 @@ def write_random_shards(out: Path, n_shards: int, per_shard: int, vocab, seed: i
             codes = (np.arange(vocab.image_tokens) * (3 + (cap[0] if len(cap) else 0))) % vocab.image_size
             samples.append(ShardSample(f"s{s}-{i}", codes.astype(np.uint16), cap.astype(np.int32), "caption"))
         write_shard(out / f"tokens-{s:06d}.tar", samples)
+
+
+def _rank_of(path: Path) -> int:
+    return int(path.name.split("_")[3])  # zero_pp_rank_{r}_mp_rank_00_optim_states.pt
+
+
+def zero_checkpoint_state(ckpt: Path, key: str) -> dict:
+    """Full per-parameter `key` ("fp32", "exp_avg", "exp_avg_sq") reassembled by hand from the per-rank
+    partitions of a ZeRO-2 or ZeRO-3 checkpoint (one parameter group / sub-group), independent of
+    DeepSpeed's universal conversion. ZeRO-2: the ranks' flat partitions concatenated, parameters back to back;
+    ZeRO-3: every parameter split into ceil(n / W) slices, slice r on rank r."""
+    import torch
+
+    files = sorted(Path(ckpt).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank_of)
+    states = [torch.load(f, weights_only=False, map_location="cpu")["optimizer_state_dict"] for f in files]
+    world, out, offset = len(states), {}, 0
+    if states[0]["zero_stage"] == 3:
+        flats = [s["fp32_flat_groups"][0] if key == "fp32" else s["optimizer_state_dict"]["state"][0][key] for s in states]
+        model = torch.load(Path(ckpt) / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
+        for name, shape in model["param_shapes"][0].items():
+            n, part = shape.numel(), -(-shape.numel() // world)
+            out[name] = torch.cat([f[offset : offset + part] for f in flats])[:n].view(shape)
+            offset += part
+        return out
+    flat = torch.cat([s["single_partition_of_fp32_groups"][0] if key == "fp32" else s["base_optimizer_state"]["state"][0][key]
+                      for s in states])
+    model = torch.load(Path(ckpt) / "mp_rank_00_model_states.pt", weights_only=False)
+    for name, shape in model["param_shapes"][0].items():
+        out[name] = flat[offset : offset + shape.numel()].view(shape)
+        offset += shape.numel()
+    return out

@@ -21,10 +21,12 @@ class DataConfig:
     small model, for the pre-trained vs random comparison on small data)."""
 
     seed: int = 0
-    """Seeds the per-epoch shard order, the sample shuffle buffer, caption dropout and text mixing."""
+    """Seeds the per-epoch shard order, the sample permutation, caption dropout and text mixing."""
 
-    shuffle_buffer: int = 1000
-    """Samples held for shuffling within each worker's stream (0 or 1: no sample shuffle)."""
+    shuffle_window: int = 64
+    """Shards whose samples are permuted together: each epoch permutes the shards, cuts them into windows of
+    this many and permutes the samples inside each window (0: one permutation over the whole epoch). Memory
+    per worker is ~16 bytes per sample of a window; the order never depends on ranks or workers."""
 
     num_workers: int = 2
     """DataLoader worker processes per rank (0: load in the training process)."""
@@ -59,8 +61,8 @@ class DataConfig:
             raise ValueError("DataConfig.path is empty: give a shard directory, glob or brace pattern")
         if self.mode not in MODES:
             raise ValueError(f"DataConfig.mode={self.mode!r} must be one of {MODES}")
-        if self.shuffle_buffer < 0:
-            raise ValueError(f"DataConfig.shuffle_buffer={self.shuffle_buffer} must be >= 0")
+        if self.shuffle_window < 0:
+            raise ValueError(f"DataConfig.shuffle_window={self.shuffle_window} must be >= 0")
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers={self.num_workers} must be >= 0")
         for name in ("caption_dropout", "max_broken_fraction"):

@@ -27,7 +27,7 @@ def demo() -> Config:
             run_dir=f"{DEMO_DIR}/train", image_tokenizer=f"demo:{DEMO_DIR}/data/{IMAGE_TOKENIZER}",
             text_tokenizer=f"{DEMO_DIR}/data/{TEXT_TOKENIZER}",
         ),
-        data=DataConfig(path=f"{DEMO_DIR}/data/train", caption_dropout=0.1, num_workers=0, shuffle_buffer=1000),
+        data=DataConfig(path=f"{DEMO_DIR}/data/train", caption_dropout=0.1, num_workers=0),
     )
 
 

@@ -54,34 +54,43 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return strip_prefixes(obj)
 
 
-def _reconcile_buffers(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _reconcile_buffers(buffers: Mapping[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Tolerate rotary `inv_freq` buffers: drop them for a model without, keep the model's if absent."""
-    own = model.state_dict()
-    sd = {k: v for k, v in sd.items() if not (k.endswith(".inv_freq") and k not in own)}
-    for k, v in own.items():
+    sd = {k: v for k, v in sd.items() if not (k.endswith(".inv_freq") and k not in buffers)}
+    for k, v in buffers.items():
         if k.endswith(".inv_freq") and k not in sd:
             sd[k] = v
     return sd
 
 
-def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Strict load with one error listing missing, unexpected and mis-shaped keys."""
-    sd = _reconcile_buffers(model, strip_prefixes(state_dict))
-    own = model.state_dict()
+def checked_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple] | None = None
+) -> dict[str, torch.Tensor]:
+    """`state_dict` with prefixes stripped and rotary buffers reconciled, after a strict check against the model:
+    one error lists missing, unexpected and mis-shaped keys. `shapes` (name -> full shape) replaces the
+    parameters' own shapes where they are held elsewhere (ZeRO-3 partitions)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in params}  # persistent buffers
+    sd = _reconcile_buffers(buffers, strip_prefixes(state_dict))
+    own = {n: tuple(t.shape) for n, t in {**buffers, **params}.items()}
+    own.update(shapes or {})
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(sd) & set(own)
-        if sd[k].shape != own[k].shape
+    bad_shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {own[k]}" for k in set(sd) & set(own) if tuple(sd[k].shape) != own[k]
     )
-    if missing or unexpected or shapes:
-        lines = [f"checkpoint does not match the model ({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mis-shaped)"]
+    if missing or unexpected or bad_shapes:
+        lines = [f"checkpoint does not match the model ({len(missing)} missing, {len(unexpected)} unexpected, {len(bad_shapes)} mis-shaped)"]
         lines += [f"  missing: {k}" for k in missing[:50]]
         lines += [f"  unexpected: {k}" for k in unexpected[:50]]
-        lines += [f"  shape: {s}" for s in shapes[:50]]
+        lines += [f"  shape: {s}" for s in bad_shapes[:50]]
         raise CheckpointMismatch("\n".join(lines))
-    model.load_state_dict(sd, strict=True)
+    return sd
+
+
+def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Strict load with one error listing missing, unexpected and mis-shaped keys."""
+    model.load_state_dict(checked_state_dict(model, state_dict), strict=True)
 
 
 def new_rows(old: torch.Tensor, n_new: int, init: str, generator: torch.Generator | None = None) -> torch.Tensor:

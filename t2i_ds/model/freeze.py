@@ -102,8 +102,9 @@ def apply_freeze(model: nn.Module, preset: str) -> FreezeReport:
     for name, p in named:
         keep = is_trainable(name, preset, n_layers)
         p.requires_grad_(keep)
-        total += p.numel()
+        numel = getattr(p, "ds_numel", p.numel())  # a parameter partitioned at construction (ZeRO-3) keeps its full size there
+        total += numel
         if keep:
-            trainable += p.numel()
+            trainable += numel
             names.append(name)
     return FreezeReport(preset, trainable, total, names)

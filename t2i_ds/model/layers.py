@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -63,6 +63,24 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
 def trunc_normal_(t: torch.Tensor, std: float) -> None:
     """open_lm initialisation: truncated normal at +-3 std."""
     nn.init.trunc_normal_(t, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+InitStep = tuple[nn.Parameter, Callable[[torch.Tensor], None]]  # (parameter, fills a tensor of its shape in place)
+
+
+def trunc_normal_step(p: nn.Parameter, std: float) -> InitStep:
+    return p, lambda t: trunc_normal_(t, std)
+
+
+def constant_step(p: nn.Parameter, value: float) -> InitStep:
+    return p, lambda t: nn.init.constant_(t, value)
+
+
+def apply_init(steps: list[InitStep]) -> None:
+    """Run init steps in order from the global RNG (the order fixes which random numbers each parameter gets)."""
+    with torch.no_grad():
+        for p, fill in steps:
+            fill(p)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -146,10 +164,13 @@ class CustomAttn(nn.Module):
         self.layer_id = layer_id
         self.dim = args.dim
 
-    def reset_parameters(self) -> None:
+    def init_steps(self) -> list[InitStep]:
         std = 1.0 / math.sqrt(self.dim)
-        trunc_normal_(self.in_proj.weight, std)
-        trunc_normal_(self.out_proj.weight, std / math.sqrt(2 * (self.layer_id + 1)))  # depth-scaled
+        return [trunc_normal_step(self.in_proj.weight, std),
+                trunc_normal_step(self.out_proj.weight, std / math.sqrt(2 * (self.layer_id + 1)))]  # depth-scaled
+
+    def reset_parameters(self) -> None:
+        apply_init(self.init_steps())
 
     def forward(
         self,
@@ -221,9 +242,12 @@ class SwiGLU(nn.Module):
         self.layer_id = layer_id
         self.dim = args.dim
 
+    def init_steps(self) -> list[InitStep]:
+        return [trunc_normal_step(self.w12.weight, 1.0 / math.sqrt(self.dim)),
+                trunc_normal_step(self.w3.weight, 1.0 / math.sqrt(self.hidden) / math.sqrt(2 * (self.layer_id + 1)))]
+
     def reset_parameters(self) -> None:
-        trunc_normal_(self.w12.weight, 1.0 / math.sqrt(self.dim))
-        trunc_normal_(self.w3.weight, 1.0 / math.sqrt(self.hidden) / math.sqrt(2 * (self.layer_id + 1)))
+        apply_init(self.init_steps())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w12(x).chunk(2, dim=-1)  # 2 x (B, S, hidden); the first half is the gate

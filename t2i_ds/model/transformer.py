@@ -20,7 +20,9 @@ import torch.utils.checkpoint
 
 from t2i_ds.model.args import ModelArgs
 from t2i_ds.model.head import LMHead, LossOutput
-from t2i_ds.model.layers import Block, KVCache, RopeTable, StaticKV, make_norm, trunc_normal_
+from t2i_ds.model.layers import (
+    Block, InitStep, KVCache, RopeTable, StaticKV, apply_init, constant_step, make_norm, trunc_normal_step,
+)
 
 
 @dataclass
@@ -33,7 +35,7 @@ class DecodeCache:
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, modality_bounds: tuple[int, ...] = ()):
+    def __init__(self, args: ModelArgs, modality_bounds: tuple[int, ...] = (), init: bool = True):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
@@ -44,23 +46,35 @@ class Transformer(nn.Module):
         if args.weight_tying:  # as open_lm: the embedding shares the output's Parameter
             self.tok_embeddings.weight = self.output.weight
         self.grad_checkpointing = False
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
+
+    def init_steps(self) -> list[InitStep]:
+        """open_lm init as (parameter, fill) steps in the order they draw random numbers: truncated normal,
+        std 1/sqrt(dim); output projections depth-scaled; norms gain 1, bias 0.
+
+        A caller that holds the parameters elsewhere (ZeRO-3 partitions them while the model is built, see
+        t2i_ds.trainer.parallelize) runs these steps itself, one parameter at a time, in this order.
+        """
+        std = 1.0 / math.sqrt(self.args.dim)
+        steps = [trunc_normal_step(self.tok_embeddings.weight, std)]
+        if not self.args.weight_tying:
+            steps.append(trunc_normal_step(self.output.weight, std))
+        for layer in self.layers:
+            steps += layer.attention.init_steps() + layer.feed_forward.init_steps()
+        for m in self.modules():
+            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                steps.append(constant_step(m.weight, 1.0))
+                if m.bias is not None:
+                    steps.append(constant_step(m.bias, 0.0))
+        return steps
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """open_lm init: truncated normal, std 1/sqrt(dim); output projections depth-scaled."""
+        """Run `init_steps` (not on the meta device)."""
         if self.tok_embeddings.weight.is_meta:
             return
-        std = 1.0 / math.sqrt(self.args.dim)
-        trunc_normal_(self.tok_embeddings.weight, std)
-        if not self.args.weight_tying:
-            trunc_normal_(self.output.weight, std)
-        for layer in self.layers:
-            layer.attention.reset_parameters()
-            layer.feed_forward.reset_parameters()
-        for m in self.modules():
-            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-                m.reset_parameters()  # gain 1, bias 0
+        apply_init(self.init_steps())
 
     def hidden_states(
         self,
@@ -170,7 +184,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(args: ModelArgs, modality_bounds: tuple[int, ...] = (), device: str | torch.device = "cpu") -> Transformer:
-    """Instantiate on `device` ("meta" allocates nothing, for counting and sharded init)."""
+def build_model(args: ModelArgs, modality_bounds: tuple[int, ...] = (), device: str | torch.device = "cpu",
+                init: bool = True) -> Transformer:
+    """Instantiate on `device` ("meta" allocates nothing, for counting and sharded init); `init=False` leaves the
+    parameters to the caller (`init_steps`)."""
     with torch.device(device):
-        return Transformer(args, modality_bounds)
+        return Transformer(args, modality_bounds, init)

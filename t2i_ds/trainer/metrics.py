@@ -1,8 +1,10 @@
 """Metrics accumulated on device and written to TensorBoard on rank 0 at log intervals only.
 
-Per step the loop adds detached device tensors (loss sums and target counts per modality); the
-window's host-device sync happens in `MetricWindow.reduce`, every `log_every` steps, where its sums are
-all-reduced across ranks and turned into loss / perplexity per modality (`loss_metrics`).
+Per step the loop adds detached device tensors (loss sums and target counts per modality, and the
+positions each modality's targets occupy); the window's host-device sync happens in `MetricWindow.reduce`,
+every `log_every` steps, where its sums are all-reduced across ranks (one packed tensor) and turned into loss /
+perplexity per modality (`loss_metrics`) and throughput / model FLOP/s per modality (`modality_metrics`: text,
+image, special, pad).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from t2i_ds.trainer.flops import COMPUTE_CLASSES, modality_flops
 from t2i_ds.vocab import MODALITY_NAMES
 
 PPL_CAP = 80.0  # exp() of a loss above this overflows float formatting; report inf-like values capped
@@ -30,6 +33,8 @@ class MetricWindow:
         m = len(MODALITY_NAMES)
         self.sums = torch.zeros(m, dtype=torch.float64, device=self.device)
         self.counts = torch.zeros(m, dtype=torch.float64, device=self.device)
+        self.positions = torch.zeros(len(COMPUTE_CLASSES), 2, dtype=torch.float64, device=self.device)
+        self.reduced_positions: list[list[float]] = [[0.0, 0.0] for _ in COMPUTE_CLASSES]
         self.tokens = 0  # input tokens processed by this rank (host int, known from shapes)
         self.t0 = time.perf_counter()
 
@@ -38,13 +43,21 @@ class MetricWindow:
         self.counts += counts.detach().double()
         self.tokens += tokens
 
+    def add_positions(self, positions: torch.Tensor) -> None:
+        """(4, 2) per compute class (text, image, special, pad): [positions, sum of (position + 1/2)]."""
+        self.positions += positions.detach().double()
+
     def reduce(self) -> tuple[list[float], list[float], int, float]:
-        """All-reduce the window (the sync point) -> (sums, counts, global tokens, seconds)."""
-        packed = torch.cat([self.sums, self.counts, torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.device)])
+        """All-reduce the window (the sync point) -> (sums, counts, global tokens, seconds); the global
+        per-class positions land in `reduced_positions`."""
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.device)
+        packed = torch.cat([self.sums, self.counts, self.positions.flatten(), tokens])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(packed)
         values = packed.tolist()  # host-device sync, once per log interval
-        m = len(MODALITY_NAMES)
+        m, c = len(MODALITY_NAMES), len(COMPUTE_CLASSES)
+        flat = values[2 * m : 2 * m + 2 * c]
+        self.reduced_positions = [flat[2 * i : 2 * i + 2] for i in range(c)]
         return values[:m], values[m : 2 * m], int(values[-1]), time.perf_counter() - self.t0
 
 
@@ -59,6 +72,19 @@ def loss_metrics(sums: list[float], counts: list[float]) -> dict[str, float]:
             out[f"loss/{name}"] = s / c
     for key in [k for k in out if k.startswith("loss/")]:
         out["ppl/" + key[5:]] = math.exp(min(out[key], PPL_CAP))
+    return out
+
+
+def modality_metrics(positions: list[list[float]], args, seconds: float, world: int) -> dict[str, float]:
+    """perf/tokens_per_s/<class>, perf/tflops_per_device/<class> and perf/pad_flops_share from the window's
+    global per-class positions (class of a position = modality of its target; pad = no target)."""
+    flops = modality_flops(positions, args)
+    total = sum(flops.values())
+    out = {}
+    for (name, f), (n, _) in zip(flops.items(), positions):
+        out[f"perf/tokens_per_s/{name}"] = n / max(seconds, 1e-9)
+        out[f"perf/tflops_per_device/{name}"] = f / max(seconds, 1e-9) / world / 1e12
+    out["perf/pad_flops_share"] = flops["pad"] / total if total else 0.0
     return out
 
 

@@ -1,9 +1,14 @@
 """Build the model from the config and wrap it for training: the only place that touches DeepSpeed.
 
 Order (each step needs the previous one):
-  1. build the architecture for the Vocab (vocab_size from the Vocab, never a literal)
+  1. build the architecture for the Vocab (vocab_size from the Vocab, never a literal); under ZeRO-3
+     inside `deepspeed.zero.Init`, so every parameter is partitioned as soon as its module exists and no
+     rank ever holds the whole model (a 7B model starts on ranks that could not hold it)
   2. initialise: open_lm init from a seed, or a pre-trained open_lm checkpoint with the vocabulary
-     extended (rows random / mean / aligned)
+     extended (rows random / mean / aligned). Under ZeRO-3 the init is the unpartitioned build's, bit for
+     bit, on any device (`init_partitioned`): one parameter at a time is gathered
+     (`deepspeed.zero.GatheredParameters`), filled on rank 0 from the CPU generator in the same order, and
+     re-partitioned
   3. freeze by preset (requires_grad by open_lm name): frozen parameters get no optimizer state and
      no gradient reduction, because DeepSpeed only sees the trainable ones
   4. activation checkpointing switch (per block, inside the model)
@@ -15,11 +20,13 @@ Order (each step needs the previous one):
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from t2i_ds.config import Config, ConfigError
 from t2i_ds.model import Transformer, build_model, model_preset
-from t2i_ds.model.checkpoint import extend_vocab, load_aligned_rows, load_into, read_state_dict
+from t2i_ds.model.checkpoint import checked_state_dict, extend_vocab, load_aligned_rows, load_into, read_state_dict
 from t2i_ds.model.freeze import apply_freeze
+from t2i_ds.model.head import LMHead
 from t2i_ds.trainer.schedule import cosine_with_warmup
 from t2i_ds.vocab import Vocab
 
@@ -47,16 +54,100 @@ def pretrained_state(cfg: Config, vocab: Vocab, dim: int) -> dict:
     return extend_vocab(sd, vocab.size, init=init, seed=cfg.init.seed, rows=rows)
 
 
-def build_initialised_model(cfg: Config, vocab: Vocab) -> Transformer:
-    """Steps 1-4: architecture, init, freezing, activation checkpointing."""
+def zero_stage(ds_config: dict | None) -> int:
+    return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def build_initialised_model(cfg: Config, vocab: Vocab, ds_config: dict | None = None) -> Transformer:
+    """Steps 1-4: architecture, init, freezing, activation checkpointing (partitioned under ZeRO-3)."""
     args = model_args(cfg, vocab)
     torch.manual_seed(cfg.init.seed)
-    model = build_model(args, vocab.modality_bounds)
+    partitioned = zero_stage(ds_config) == 3
+    if partitioned:
+        model = build_partitioned(args, vocab, ds_config, init=cfg.init.mode == "random")
+    else:
+        model = build_model(args, vocab.modality_bounds)
     if cfg.init.mode == "pretrained":
-        load_into(model, pretrained_state(cfg, vocab, args.dim))
+        state = pretrained_state(cfg, vocab, args.dim)
+        load_partitioned(model, state) if partitioned else load_into(model, state)
     model.freeze_report = apply_freeze(model, cfg.train.freeze)
     model.grad_checkpointing = cfg.model.grad_checkpointing
     return model
+
+
+def build_partitioned(args, vocab: Vocab, ds_config: dict, init: bool) -> Transformer:
+    """The model built under `deepspeed.zero.Init` (each module's parameters partitioned when its constructor
+    returns, on the accelerator, in the ds_config's dtype), with the values `build_model` gives on CPU."""
+    import deepspeed
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):  # the constructors' draws (on the accelerator) are undone
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = build_model(args, vocab.modality_bounds, init=False)
+    if init:
+        init_partitioned(model)
+    return model
+
+
+def init_partitioned(model: Transformer) -> None:
+    """The unpartitioned build's init, bit for bit, whatever the device and dtype: rank 0 replays on CPU the
+    random draws that building the model on CPU makes (torch's default init of each nn.Linear and nn.Embedding,
+    in construction order, on a throwaway copy), then runs the model's `init_steps` in order from the same
+    generator, one gathered parameter at a time, in fp32, copied into the partitioned parameter. The other
+    ranks take rank 0's generator state, as if they had drawn too."""
+    from deepspeed.runtime.zero import GatheredParameters
+
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        replay_construction_draws(model)
+    for p, fill in model.init_steps():
+        with GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            if rank0:
+                full = torch.empty(p.shape, dtype=torch.float32)  # the gathered shape, on CPU
+                fill(full)
+                p.copy_(full)
+    state = [torch.get_rng_state()]
+    torch.distributed.broadcast_object_list(state, src=0)
+    torch.set_rng_state(state[0])
+
+
+NO_DEFAULT_DRAWS = (nn.LayerNorm, nn.RMSNorm, nn.Identity, LMHead)  # constructors that draw no random numbers
+
+
+def replay_construction_draws(model: torch.nn.Module) -> None:
+    """Draw what constructing `model` on CPU draws, module by module in construction (= registration) order."""
+    for name, m in model.named_modules():
+        own = list(m.parameters(recurse=False))
+        if isinstance(m, nn.Linear):
+            nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)  # kaiming_uniform_ (+ bias uniform_)
+        elif isinstance(m, nn.Embedding):
+            nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx)  # normal_
+        elif own and not isinstance(m, NO_DEFAULT_DRAWS):
+            raise TypeError(f"{name} ({type(m).__name__}): unknown constructor draws; add its replay here so "
+                            "ZeRO-3 construction keeps the unpartitioned init")
+
+
+def load_partitioned(model: Transformer, state_dict: dict) -> None:
+    """`load_into` for a model partitioned by zero.Init: the same strict check against the full shapes, then
+    one gathered parameter at a time is copied (rank 0's copy is kept) and re-partitioned."""
+    from deepspeed.runtime.zero import GatheredParameters
+
+    shapes = {n: tuple(p.ds_shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    sd = checked_state_dict(model, state_dict, shapes)
+    for name, p in model.named_parameters():
+        with GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            p.copy_(sd[name])
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name in sd and name not in params:
+                b.copy_(sd[name])
+
+
+def resident_parameter_elements(model: torch.nn.Module) -> int:
+    """Parameter elements this rank holds: full tensors plus ZeRO-3 partitions (a partitioned parameter's
+    full tensor is empty until gathered)."""
+    return sum(p.data.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) for p in model.parameters())
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:

@@ -22,6 +22,7 @@ class SyntheticBatches:
         self.vocab, self.micro, self.accum = vocab, micro_batch, grad_accum
         self.rank, self.world, self.seed = rank, world_size, seed
         self.step, self.micro_step = 0, 0  # position: next (optimizer step, micro-step)
+        self.last_keys: list[str] = []  # sample ids of the last micro-batch: "synthetic:<step>:<row>"
 
     def _sample(self, step: int, row: int) -> tuple[np.ndarray, np.ndarray]:
         v = self.vocab
@@ -41,6 +42,7 @@ class SyntheticBatches:
         # rows of the global batch owned by this rank and micro-step
         first = self.rank * self.micro * self.accum + self.micro_step * self.micro
         rows = [self._sample(self.step, first + i) for i in range(self.micro)]
+        self.last_keys = [f"synthetic:{self.step}:{first + i}" for i in range(self.micro)]
         self.micro_step += 1
         if self.micro_step == self.accum:
             self.step, self.micro_step = self.step + 1, 0

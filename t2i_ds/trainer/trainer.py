@@ -22,9 +22,10 @@ from t2i_ds.config import Config
 from t2i_ds.provenance import git_revision
 from t2i_ds.trainer import checkpointing
 from t2i_ds.trainer.batching import BatchPlan, resolve_batch, resolve_ds_config
-from t2i_ds.trainer.flops import flops_per_token, peak_flops
-from t2i_ds.trainer.metrics import MetricWindow, TensorBoard, loss_metrics, memory_metrics
-from t2i_ds.trainer.parallelize import build_initialised_model, wrap_with_deepspeed
+from t2i_ds.trainer.comms import CommsWindow, logger_enabled
+from t2i_ds.trainer.flops import flops_per_token, modality_positions, peak_flops
+from t2i_ds.trainer.metrics import MetricWindow, TensorBoard, loss_metrics, memory_metrics, modality_metrics
+from t2i_ds.trainer.parallelize import build_initialised_model, resident_parameter_elements, wrap_with_deepspeed
 from t2i_ds.vocab import IGNORE
 
 
@@ -74,12 +75,17 @@ class Trainer:
         self.run_dir = Path(t.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.data = self._make_data()  # before the model: a bad data path fails fast
-        model = build_initialised_model(cfg, self.vocab)
+        model = build_initialised_model(cfg, self.vocab, self.ds_config)  # partitioned while built under ZeRO-3
+        self.param_elements_per_rank = self._gather_ints(resident_parameter_elements(model))
         self.freeze_report = model.freeze_report
-        self.engine = wrap_with_deepspeed(model, cfg, self.ds_config, self.steps, self.device)
+        self.resume_plan = checkpointing.plan_resume(t.resume, self.ckpt_root, self.world, self.rank)
+        engine_config = checkpointing.engine_config(self.ds_config, self.resume_plan)  # load_universal if converted
+        self.engine = wrap_with_deepspeed(model, cfg, engine_config, self.steps, self.device)
         self.tb = TensorBoard(str(self.run_dir / "tb"), enabled=self.rank == 0)
         self.window = MetricWindow(self.device)
+        self.comms = CommsWindow() if logger_enabled(self.ds_config) else None
         self.step = 0
+        self._logged_step = 0  # step of the last metrics log
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(model.args, self.vocab.seq_len)
         self.peak = peak_flops(self.device)
@@ -99,7 +105,15 @@ class Trainer:
         from t2i_ds.data.loader import TokenLoader
 
         return TokenLoader(self.cfg.data, self.vocab, self.plan.micro_batch, self.rank, self.world,
-                           text_tokenizer=self.cfg.train.text_tokenizer)
+                           text_tokenizer=self.cfg.train.text_tokenizer, grad_accum=self.plan.grad_accum)
+
+    def _gather_ints(self, value: int) -> list[int]:
+        """One int from every rank (set-up only, never in the step)."""
+        if self.world == 1:
+            return [value]
+        out = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
+        dist.all_gather(out, torch.tensor([value], dtype=torch.int64, device=self.device))
+        return [int(t.item()) for t in out]
 
     def _make_probes(self):
         """Forgetting probes (paper Table 1) when train.probe_every > 0."""
@@ -148,6 +162,7 @@ class Trainer:
             "world_size": self.world, "micro_batch": p.micro_batch, "grad_accum": p.grad_accum,
             "global_batch": p.global_batch, "tokens_per_step": p.tokens_per_step, "steps": self.steps,
             "trainable_params": self.freeze_report.trainable, "total_params": self.freeze_report.total,
+            "param_elements_per_rank": self.param_elements_per_rank,  # held after construction (ZeRO-3: partitions)
         }
         (self.run_dir / "plan.json").write_text(json.dumps(summary, indent=2))
         self.tb.text("config", "```\n" + json.dumps(self.cfg.to_dict(), indent=2, default=str) + "\n```", 0)
@@ -156,15 +171,21 @@ class Trainer:
                  f"({p.micro_batch} x {p.grad_accum} accum x {self.world} ranks), {self.steps} steps")
 
     def _maybe_resume(self) -> None:
-        path = checkpointing.find_resume(self.cfg.train.resume, self.ckpt_root)
-        if path is None:
+        plan = self.resume_plan
+        if plan is None:
             return
-        client, rank_state = checkpointing.load(self.engine, path, self.rank)
+        if plan.universal:
+            self.log(f"resume: {plan.path.name} was saved by {plan.saved_world} data-parallel ranks, this run has "
+                     f"{self.world}; converted with DeepSpeed's universal checkpoint into {plan.path.name}/{plan.tag} "
+                     "(optimizer state included), loading that")
+        client, rank_state = checkpointing.load(self.engine, plan, self.rank)
         self.step, self.tokens_seen = int(client["step"]), int(client["tokens_seen"])
         if rank_state is not None:
             self.data.load_state_dict(rank_state["data"])
-            checkpointing.set_rng_state(rank_state["rng"])
-        self.log(f"resumed from {path} at step {self.step}")
+            if "rng" in rank_state:
+                checkpointing.set_rng_state(rank_state["rng"])
+        self._logged_step = self.step
+        self.log(f"resumed from {plan.path} at step {self.step}")
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -184,8 +205,25 @@ class Trainer:
             dist.all_reduce(count)
         return count.clamp(min=1.0)
 
+    def _next_micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This step's micro-batches; their sample ids go to run_dir/samples/ when train.record_samples."""
+        micro, keys = [], []
+        for _ in range(self.plan.grad_accum):
+            micro.append(self._to_device(next(self.data)))
+            keys += getattr(self.data, "last_keys", [])
+        if self.cfg.train.record_samples:
+            self._record_samples(keys)
+        return micro
+
+    def _record_samples(self, keys: list[str]) -> None:
+        """One JSON line per step and rank: the sample ids this rank trained on (host data, no sync)."""
+        path = self.run_dir / "samples" / f"rank_{self.rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": self.step + 1, "ids": keys}) + "\n")
+
     def train_step(self) -> None:
-        micro = [self._to_device(next(self.data)) for _ in range(self.plan.grad_accum)]
+        micro = self._next_micro_batches()
         scale = (self.world * self.plan.grad_accum) / self._global_count(micro)  # device scalar
         for batch in micro:
             ids, tgt = batch["input_ids"], batch["targets"]
@@ -193,11 +231,13 @@ class Trainer:
             self.engine.backward(out.loss_sum * scale)
             self.engine.step()
             self.window.add(out.modality_sums, out.modality_counts, ids.numel())
+            self.window.add_positions(modality_positions(tgt, self.vocab.modality_bounds))  # device ops, no sync
         self.step += 1
         self.tokens_seen += self.plan.tokens_per_step
 
     # ---- logging, checkpoints, loop ------------------------------------------------------------
     def _log_metrics(self) -> dict[str, float]:
+        steps, self._logged_step = self.step - self._logged_step, self.step
         sums, counts, tokens, seconds = self.window.reduce()
         metrics = loss_metrics(sums, counts)
         tok_s = tokens / max(seconds, 1e-9)
@@ -210,6 +250,9 @@ class Trainer:
         })
         if self.peak:
             metrics["perf/mfu"] = metrics["perf/tflops_per_device"] * 1e12 / self.peak
+        metrics.update(modality_metrics(self.window.reduced_positions, self.engine.module.args, seconds, self.world))
+        if self.comms is not None:
+            metrics.update(self.comms.metrics(steps))
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             metrics["grad_norm"] = float(norm)
