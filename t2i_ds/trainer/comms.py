@@ -41,7 +41,7 @@ micro-batch (message = the whole bucket); frozen parameters are gathered but nev
 
 Wire bytes per GPU follow from the ring algorithms: all-reduce 2 (W-1)/W x S, all-gather and reduce-scatter
 (W-1)/W x S for a full buffer of S bytes (`ring_wire_bytes`). benchmarks/scale_model.py turns these into
-seconds on N GPUs; tests/test_comms.py checks both formulas against the counted bytes at 2 CPU ranks
+seconds on N GPUs; tests/test_world_size.py checks both formulas against the counted bytes at 2 CPU ranks
 within 5%; benchmarks/bench_comms.py records 2 and 4 ranks.
 """
 
