@@ -5,13 +5,19 @@ Batch numbers (micro-batch, gradient accumulation, train_batch_size) are derived
 and the world size in one place, `t2i_ds.trainer.batching.resolve_batch`.
 
 Command line: `--preset NAME` picks a preset, `--set section.field=value` overrides any field
-(values parsed as JSON where possible, e.g. `--set optim.lr=1e-4 --set data.path=/shards`).
+(values parsed as JSON where possible, e.g. `--set optim.lr=1e-4 --set data.path=/shards`). Every value is
+converted to its field's declared type or refused with one line naming the field, the value and the type
+(`train.steps=2.5`, `optim.lr=abc`), then each section validates its ranges; an option the chosen mode
+would ignore (`data.*` with `train.data_source=synthetic`) is refused rather than ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,6 +47,12 @@ class VocabConfig:
     real_text_size: int = Vocab.real_text_size
     """Ids the text tokenizer can produce."""
 
+    def __post_init__(self) -> None:
+        try:
+            self.build()
+        except ValueError as e:
+            raise ConfigError(f"vocab: {e}") from None
+
     def build(self) -> Vocab:
         return Vocab(**dataclasses.asdict(self))
 
@@ -59,8 +71,18 @@ class ModelConfig:
     """torch.compile the model before DeepSpeed wraps it."""
 
     def __post_init__(self) -> None:
+        from t2i_ds.model.args import ModelArgs
+
         if self.preset not in MODEL_PRESETS:
             raise ConfigError(f"model.preset={self.preset!r} is unknown; choose one of {sorted(MODEL_PRESETS)}")
+        if not isinstance(self.overrides, dict):
+            raise ConfigError(f"model.overrides={self.overrides!r} must be a JSON object of ModelArgs fields")
+        hints = typing.get_type_hints(ModelArgs)
+        for key, value in list(self.overrides.items()):
+            if key not in hints or key == "vocab_size":  # vocab_size always comes from the Vocab
+                allowed = sorted(k for k in hints if k != "vocab_size")
+                raise ConfigError(f"model.overrides.{key} is not a ModelArgs field; fields are {allowed}")
+            self.overrides[key] = coerce(f"model.overrides.{key}", value, hints[key])
 
 
 @dataclass
@@ -88,6 +110,12 @@ class InitConfig:
             raise ConfigError("init.mode='pretrained' needs init.checkpoint")
         if self.new_rows == "aligned" and not self.aligned_rows:
             raise ConfigError("init.new_rows='aligned' needs init.aligned_rows")
+        if self.mode == "random" and (self.checkpoint or self.new_rows != "random"):
+            raise ConfigError("init.checkpoint and init.new_rows are read only with init.mode='pretrained' "
+                              f"(got checkpoint={self.checkpoint!r}, new_rows={self.new_rows!r} with mode='random')")
+        if self.aligned_rows and self.new_rows != "aligned":
+            raise ConfigError(f"init.aligned_rows is read only with init.new_rows='aligned', not {self.new_rows!r}")
+        _require(self.seed >= 0, "init.seed", self.seed, ">= 0")
 
 
 @dataclass
@@ -111,10 +139,15 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
-            raise ConfigError(f"optim: lr={self.lr}, min_lr_ratio={self.min_lr_ratio}, warmup_steps={self.warmup_steps} out of range")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+        _require(self.lr > 0, "optim.lr", self.lr, "> 0")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        _require(self.eps > 0, "optim.eps", self.eps, "> 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                           for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
 
 
 @dataclass
@@ -129,9 +162,9 @@ class TrainConfig:
     batch_tolerance: float = 0.1
     """Largest accepted relative difference between achieved and target tokens per step."""
     total_tokens: int = 100_000_000_000
-    """Training length in tokens (paper: 100B); `steps` overrides it when > 0."""
-    steps: int = 0
-    """Optimizer steps; 0 derives them from total_tokens."""
+    """Training length in tokens (paper: 100B); used only when `steps` is null."""
+    steps: int | None = None
+    """Optimizer steps (>= 1); null derives them from total_tokens // tokens_per_step (said in the log)."""
     seed: int = 0
     """Seed of data order and sampling (the model init has its own in init.seed)."""
     run_dir: str = "runs/default"
@@ -174,11 +207,28 @@ class TrainConfig:
     record_samples: bool = False
     """Write the sample ids of every step, per rank, to run_dir/samples/rank_NNNNN.jsonl (checks of the data
     order, e.g. across a resume at another world size)."""
+    max_consecutive_skips: int = 5
+    """A step whose global gradient norm is not finite is skipped (no update, no scheduler advance, its data
+    consumed); after this many skipped steps in a row the run stops, naming the last good checkpoint."""
 
     def __post_init__(self) -> None:
         self.sample_captions = tuple(self.sample_captions)
-        if self.tokens_per_step <= 0 or self.micro_batch <= 0:
-            raise ConfigError(f"train.tokens_per_step={self.tokens_per_step} and train.micro_batch={self.micro_batch} must be positive")
+        _require(self.tokens_per_step > 0, "train.tokens_per_step", self.tokens_per_step, "> 0")
+        _require(self.micro_batch > 0, "train.micro_batch", self.micro_batch, "> 0")
+        _require(0 <= self.batch_tolerance < 1, "train.batch_tolerance", self.batch_tolerance, "in [0, 1)")
+        _require(self.total_tokens > 0, "train.total_tokens", self.total_tokens, "> 0")
+        _require(self.steps is None or self.steps >= 1, "train.steps", self.steps,
+                 ">= 1 (or null: derived from train.total_tokens)")
+        _require(self.seed >= 0, "train.seed", self.seed, ">= 0")
+        _require(bool(self.run_dir), "train.run_dir", self.run_dir, "a directory")
+        for name in ("log_every", "keep_last", "signal_check_every", "max_consecutive_skips"):
+            _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), ">= 1")
+        for name in ("ckpt_every", "probe_every", "sample_every", "stop_after_steps"):
+            _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0 (0 disables)")
+        _require(self.sample_cfg_scale >= 0, "train.sample_cfg_scale", self.sample_cfg_scale, ">= 0")
+        _require(bool(self.resume), "train.resume", self.resume, "'auto', 'never' or a checkpoint directory")
+        if not all(isinstance(c, str) for c in self.sample_captions):
+            raise ConfigError(f"train.sample_captions={list(self.sample_captions)!r} must be a list of strings")
         if self.sample_every and not (self.image_tokenizer and self.sample_captions):
             raise ConfigError("train.sample_every needs train.image_tokenizer and train.sample_captions")
         if self.data_source not in ("shards", "synthetic"):
@@ -187,8 +237,6 @@ class TrainConfig:
 
         if self.freeze not in FREEZE_PRESETS:
             raise ConfigError(f"train.freeze={self.freeze!r} is not one of {list(FREEZE_PRESETS)}")
-        if self.log_every <= 0 or self.keep_last <= 0 or self.signal_check_every <= 0:
-            raise ConfigError("train.log_every, train.keep_last and train.signal_check_every must be positive")
 
 
 @dataclass
@@ -201,7 +249,12 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig | None = None
-    """Token shards to stream; required when train.data_source == 'shards'."""
+    """Token shards to stream; required when train.data_source == 'shards', refused with 'synthetic'."""
+
+    def __post_init__(self) -> None:
+        if self.train.data_source == "synthetic" and self.data is not None:
+            raise ConfigError(f"data.path={self.data.path!r} is ignored with train.data_source='synthetic': "
+                              "drop the data.* settings, or set train.data_source=shards to train on them")
 
     def require_data(self, preset: str) -> None:
         """Refuse a shards run without shards, with the line that says how to give them (checked by the train
@@ -254,19 +307,90 @@ def preset(name: str) -> Config:
     return PRESETS[name]()
 
 
-# ---- overrides -------------------------------------------------------------------------------
+# ---- values: declared types and ranges ------------------------------------------------------
 
 
-def _parse_value(text: str) -> Any:
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} must be {rule}")
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               tuple: "a JSON list", list: "a JSON list", dict: "a JSON object", type(None): "null"}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """`value` (parsed JSON, or a bare string) as the declared type `tp`, or ConfigError naming key, value, type.
+
+    Integral floats are accepted for integers (`1e3`), integers for floats; nothing else is converted silently.
+    """
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return coerce(key, value, a)
+                except ConfigError:
+                    pass
+        raise ConfigError(f"{key}={value!r} is not {_type_name(tp)}")
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) or (isinstance(v, float) and v.is_integer()),
+        float: lambda v: isinstance(v, (int, float)),
+        str: lambda v: isinstance(v, str),
+        tuple: lambda v: isinstance(v, (list, tuple)),
+        dict: lambda v: isinstance(v, dict),
+    }.get(tp)
+    if ok is None:
+        return value
+    if (isinstance(value, bool) and tp is not bool) or not ok(value):
+        raise ConfigError(f"{key}={value!r} is not {_type_name(tp)}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} must be a finite number")
+    return {int: int, float: float, tuple: tuple}.get(tp, lambda v: v)(value)
+
+
+def _parse_value(text: str, tp: Any) -> Any:
+    """The text after `=`: JSON, except that a string field takes the text as written (`data.path=123`)."""
+    takes_str = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+    if takes_str and not text.startswith('"'):
+        return None if text == "null" and type(None) in typing.get_args(tp) else text
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        return text  # a bare string such as a path
+        return text  # a bare word: the field's type decides (and names it when it does not fit)
+
+
+_SECTIONS = {"vocab": VocabConfig, "model": ModelConfig, "init": InitConfig, "optim": OptimConfig,
+             "train": TrainConfig, "data": DataConfig}
+
+
+def _field_type(parts: list[str]) -> Any:
+    """Declared type of `section.field` (model.overrides.X: the ModelArgs field's); None when unknown."""
+    if len(parts) == 2 and parts[0] in _SECTIONS:
+        return typing.get_type_hints(_SECTIONS[parts[0]]).get(parts[1])
+    if len(parts) == 3 and parts[:2] == ["model", "overrides"]:
+        from t2i_ds.model.args import ModelArgs
+
+        return typing.get_type_hints(ModelArgs).get(parts[2])
+    return None
+
+
+# ---- overrides -------------------------------------------------------------------------------
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `section.field=value` overrides and re-validate every section."""
+    """Apply `section.field=value` overrides (each converted to the field's type) and re-validate every section."""
     raw = cfg.to_dict()
+    touched_data = False
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.field=value")
@@ -283,7 +407,13 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"override {key!r}: the field is now {MOVED[key]} (--set {MOVED[key]}={value})")
         if parts[-1] not in node and not (len(parts) >= 2 and parts[-2] == "overrides"):
             raise ConfigError(f"override {key!r}: unknown field {parts[-1]!r}; fields are {sorted(node)}")
-        node[parts[-1]] = _parse_value(value)
+        tp = _field_type(parts)
+        node[parts[-1]] = _parse_value(value, tp) if tp is not None else _parse_value(value, Any)
+        if tp is not None:
+            node[parts[-1]] = coerce(key, node[parts[-1]], tp)
+        touched_data |= parts[0] == "data"
+    if raw["train"].get("data_source") == "synthetic" and not touched_data:
+        raw["data"] = None  # a shards preset switched to synthetic data: its data section is not the user's choice
     return from_dict(raw)
 
 
@@ -310,23 +440,33 @@ def _migrate(raw: dict) -> dict:
 RETIRED_DATA_FIELDS = ("shuffle_buffer",)  # in config.json of older runs; the order now shuffles by shard window
 
 
+def _section(name: str, cls: type, values: Any):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {name!r} must be a JSON object, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"{name}: unknown field(s) {unknown}; fields are {sorted(hints)}")
+    return cls(**{k: coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()})
+
+
 def from_dict(raw: dict) -> Config:
-    """Rebuild (and so re-validate) a Config from plain data; unknown fields are errors (moved ones migrate)."""
+    """Rebuild (and so re-validate) a Config from plain data; unknown fields and wrong types are errors (moved
+    ones migrate)."""
     raw = _migrate(raw)
-    sections = {"vocab": VocabConfig, "model": ModelConfig, "init": InitConfig, "optim": OptimConfig, "train": TrainConfig}
-    unknown = set(raw) - set(sections) - {"data"}
+    unknown = set(raw) - set(_SECTIONS)
     if unknown:
         raise ConfigError(f"unknown config sections {sorted(unknown)}")
     kwargs = {}
     try:
-        for name, cls in sections.items():
-            kwargs[name] = cls(**raw.get(name, {}))
-        data = {k: v for k, v in (raw.get("data") or {}).items() if k not in RETIRED_DATA_FIELDS}
-        kwargs["data"] = None if not data else DataConfig(**data)
-    except TypeError as e:  # unexpected keyword -> name it
-        raise ConfigError(f"config: {e}") from None
+        for name, cls in _SECTIONS.items():
+            if name == "data":
+                data = {k: v for k, v in (raw.get("data") or {}).items() if k not in RETIRED_DATA_FIELDS}
+                kwargs["data"] = None if not data else _section("data", DataConfig, data)
+            else:
+                kwargs[name] = _section(name, cls, raw.get(name, {}))
+        return Config(**kwargs)
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return Config(**kwargs)

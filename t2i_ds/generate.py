@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from t2i_ds.cli import non_negative_float, non_negative_int, positive_float, positive_int, top_k
 from t2i_ds.data.images import to_uint8
 from t2i_ds.sampling import generate_images, save_grid
 
@@ -30,13 +31,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="PNG grid to write")
     out.add_argument("--out_dir", help="folder of {caption index:06d}.png, sharded over ranks, resumable")
-    p.add_argument("--cfg_scale", type=float, default=0.0)
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--nrow", type=int, default=8)
-    p.add_argument("--indices", type=int, nargs="*", default=None,
+    p.add_argument("--cfg_scale", type=non_negative_float, default=0.0, help="classifier-free guidance (>= 0; 0: none)")
+    p.add_argument("--top_k", type=top_k, default=None, help="sample among the k likeliest codes (>= 1; none: all)")
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--batch_size", type=positive_int, default=64)
+    p.add_argument("--nrow", type=positive_int, default=8)
+    p.add_argument("--indices", type=non_negative_int, nargs="*", default=None,
                    help="only these caption indices (line numbers of --captions_file, from 0), keyed as in the full list")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher

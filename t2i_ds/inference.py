@@ -8,6 +8,7 @@ and export (t2i_ds.export writes that state dict as an open_lm checkpoint).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from t2i_ds.config import Config, from_dict
 from t2i_ds.model import Transformer
 from t2i_ds.model.checkpoint import load_into
-from t2i_ds.trainer.checkpointing import complete_checkpoints, is_complete
+from t2i_ds.trainer.checkpointing import complete_checkpoints, find_resume, is_complete
 from t2i_ds.trainer.parallelize import model_args
 from t2i_ds.vocab import Vocab
 
@@ -29,17 +30,17 @@ def run_config(run_dir: str | Path) -> Config:
 
 
 def checkpoint_dir(run_dir: str | Path, checkpoint: str | None = None) -> Path:
-    """The named checkpoint, or the newest complete one."""
+    """The named checkpoint (which must verify), or the newest complete one that verifies against its manifest
+    (a damaged newer one is named in a warning on stderr); CheckpointError names the damaged file otherwise."""
     root = Path(run_dir) / "checkpoints"
     if checkpoint:
         path = root / checkpoint if not Path(checkpoint).is_dir() else Path(checkpoint)
         if not is_complete(path):
             raise FileNotFoundError(f"{path} is not a complete checkpoint")
-        return path
-    found = complete_checkpoints(root)
-    if not found:
+        return find_resume(str(path), root)
+    if not complete_checkpoints(root):
         raise FileNotFoundError(f"no complete checkpoint under {root}")
-    return found[-1]
+    return find_resume("auto", root, warn=lambda m: print(f"[t2i_ds] {m.replace('resuming from', 'using')}", file=sys.stderr))
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,8 @@ import argparse
 import logging
 import os
 
-from t2i_ds.data.images import SMALL_POLICIES
+from t2i_ds.cli import non_negative_int, positive_int
+from t2i_ds.data.images import SMALL_POLICIES, parse_image_tokenizer_spec
 from t2i_ds.data.prepare import run
 from t2i_ds.data.shards import length_summary
 from t2i_ds.vocab import Vocab
@@ -30,23 +31,31 @@ def print_summary(manifest: dict, max_caption_tokens: int) -> None:
     print(f"captions longer than {max_caption_tokens} tokens (truncated in training): {over}")
 
 
+def image_tokenizer_spec(text: str) -> str:
+    try:
+        parse_image_tokenizer_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m t2i_ds.prepare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="t2i_ds.prepare", description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True, help="img2dataset tars (dir/glob/brace), an image folder, or a CSV/parquet")
     p.add_argument("--out", required=True, help="output directory of token shards")
-    p.add_argument("--image-tokenizer", required=True, help="movqgan:DIR (diffusers VQModel) or demo:DIR")
+    p.add_argument("--image-tokenizer", required=True, type=image_tokenizer_spec, help="movqgan:DIR (diffusers VQModel) or demo:DIR")
     p.add_argument("--text-tokenizer", default=None, help="tokenizer.json or HF directory (default: NeoX BPE in the repo)")
-    p.add_argument("--image-size", type=int, default=256, help="center-crop and resize to this many pixels")
+    p.add_argument("--image-size", type=positive_int, default=256, help="center-crop and resize to this many pixels")
     p.add_argument("--small-images", choices=SMALL_POLICIES, default="upscale", help="images smaller than the crop")
-    p.add_argument("--batch-size", type=int, default=64, help="images per image-tokenizer call")
-    p.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1), help="threads decoding images")
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="folder/CSV inputs: pairs per output shard")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per image-tokenizer call")
+    p.add_argument("--decode-workers", type=positive_int, default=min(8, os.cpu_count() or 1), help="threads decoding images")
+    p.add_argument("--samples-per-shard", type=positive_int, default=1000, help="folder/CSV inputs: pairs per output shard")
     p.add_argument("--prefix", default="tokens", help="output shard name prefix")
     p.add_argument("--image-col", default="image", help="CSV/parquet column of image paths")
     p.add_argument("--caption-col", default="caption", help="CSV/parquet column of captions")
-    p.add_argument("--max-caption-tokens", type=int, default=Vocab().max_caption_tokens, help="for the summary only")
-    p.add_argument("--rank", type=int, default=None, help="this process's rank (default: env RANK)")
-    p.add_argument("--world-size", type=int, default=None, help="number of processes (default: env WORLD_SIZE)")
+    p.add_argument("--max-caption-tokens", type=non_negative_int, default=Vocab().max_caption_tokens, help="for the summary only")
+    p.add_argument("--rank", type=non_negative_int, default=None, help="this process's rank (default: env RANK)")
+    p.add_argument("--world-size", type=positive_int, default=None, help="number of processes (default: env WORLD_SIZE)")
     return p
 
 

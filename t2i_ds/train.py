@@ -7,17 +7,22 @@
     python -m t2i_ds.train --ds_config ds_configs/zero2.json --dry-run            # print the resolved config
 
 DeepSpeed's launcher spells Python's `-m` as `--module`; torchrun spells it `-m`.
-Bad input (missing or invalid ds_config, unknown preset or field, no data path, a batch the world size cannot
-meet, a data path without shards) ends with one line on stderr and exit status 2.
+Bad input (missing or invalid ds_config, unknown preset or field, a value of the wrong type or out of range, no
+data path, a batch the world size cannot meet, a data path without token shards, a run directory in use, a
+damaged checkpoint with nothing to fall back to, a full disk, a JIT build lock left by a killed build) ends with
+one line on stderr and exit status 2. With several ranks the line is the failing rank's, printed once by rank 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from t2i_ds.config import ConfigError, apply_overrides, preset
+from t2i_ds.cli import is_user_error, message_of
+from t2i_ds.config import apply_overrides, preset
+from t2i_ds.trainer.jit_cache import use_own_cache
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,8 +47,22 @@ def resolve(args: argparse.Namespace):
     return cfg, ds_config
 
 
+def _reports(error: BaseException) -> bool:
+    """Whether this process prints the error line: an error every rank raised together (agreed) is printed by rank 0;
+    one raised before the process group exists is the same on every rank, printed by each node's local rank 0."""
+    import torch.distributed as dist
+
+    if getattr(error, "agreed", False) and dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    if not (dist.is_available() and dist.is_initialized()):
+        return os.environ.get("LOCAL_RANK", "0") == "0"
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
+    use_own_cache()  # DeepSpeed's JIT ops in this environment's cache, also outside `make`
     args = parse_args(argv)
+    trainer = None
     try:
         cfg, ds_config = resolve(args)
         if args.dry_run:
@@ -52,18 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         from t2i_ds.trainer.trainer import Trainer
 
         trainer = Trainer(cfg, ds_config)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"t2i_ds.train: error: {e}", file=sys.stderr)
-        return 2
-    from t2i_ds.data.loader import BrokenDataError
-
-    try:
         trainer.fit()
-    except BrokenDataError as e:  # damaged shards: the loader names the shard; no traceback wall
-        print(f"t2i_ds.train: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not is_user_error(e) or os.environ.get("T2I_DS_TRACEBACK") == "1":
+            raise
+        if _reports(e):
+            print(f"t2i_ds.train: error: {message_of(e)}", file=sys.stderr, flush=True)
         return 2
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
     return 0
 
 

@@ -13,6 +13,7 @@ def old_config(**data_fields) -> dict:
     """A config.json as written before data.text_tokenizer was merged into train.text_tokenizer."""
     raw = json.loads(json.dumps(preset("debug").to_dict()))
     raw["data"] = {"path": "/shards", **data_fields}
+    raw["train"]["data_source"] = "shards"  # data.* beside synthetic data is refused
     return raw
 
 

@@ -151,7 +151,8 @@ def test_incomplete_checkpoint_is_never_resumed(tmp_path):
 
     root = tmp_path / "checkpoints"
     (root / "step_00000010").mkdir(parents=True)
-    (root / "step_00000010" / MARKER).write_text("{}")
+    (root / "step_00000010" / "rank_00000.pt").write_bytes(b"state")
+    (root / "step_00000010" / MARKER).write_text('{"step": 10, "world_size": 1}')  # a marker without a manifest
     (root / "step_00000020").mkdir()  # killed while writing: no marker
     assert find_resume("auto", root).name == "step_00000010"
     assert find_resume("never", root) is None

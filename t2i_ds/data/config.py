@@ -61,6 +61,8 @@ class DataConfig:
             raise ValueError("DataConfig.path is empty: give a shard directory, glob or brace pattern")
         if self.mode not in MODES:
             raise ValueError(f"DataConfig.mode={self.mode!r} must be one of {MODES}")
+        if self.seed < 0:
+            raise ValueError(f"DataConfig.seed={self.seed} must be >= 0")
         if self.shuffle_window < 0:
             raise ValueError(f"DataConfig.shuffle_window={self.shuffle_window} must be >= 0")
         if self.num_workers < 0:

@@ -94,9 +94,7 @@ def load_image_tokenizer(spec: str, **kwargs: Any):
 
     kwargs (image_size, batch_size, device) go to MoVQGAN only; the demo tokenizer fixes its own size.
     """
-    kind, sep, path = spec.partition(":")
-    if not sep or not path:
-        raise ValueError(f"image tokenizer spec {spec!r} must be 'movqgan:DIR' or 'demo:DIR'")
+    kind, path = parse_image_tokenizer_spec(spec)
     if kind == "movqgan":
         from t2i_ds.data.movqgan import MoVQGANTokenizer
 
@@ -105,7 +103,17 @@ def load_image_tokenizer(spec: str, **kwargs: Any):
         from t2i_ds.demo.tokenizer import PatchKMeansTokenizer  # lazy: optional module
 
         return PatchKMeansTokenizer.load(path)
-    raise ValueError(f"unknown image tokenizer kind {kind!r} in {spec!r} (known: movqgan, demo)")
+    raise AssertionError(kind)  # parse_image_tokenizer_spec admits only the kinds above
+
+
+def parse_image_tokenizer_spec(spec: str) -> tuple[str, str]:
+    """`kind:DIR` -> (kind, DIR); ValueError (one line) for a malformed spec or an unknown kind."""
+    kind, sep, path = spec.partition(":")
+    if not sep or not path:
+        raise ValueError(f"image tokenizer spec {spec!r} must be 'movqgan:DIR' or 'demo:DIR'")
+    if kind not in ("movqgan", "demo"):
+        raise ValueError(f"unknown image tokenizer kind {kind!r} in {spec!r} (known: movqgan, demo)")
+    return kind, path
 
 
 def describe_image_tokenizer(tok, spec: str) -> dict:

@@ -82,7 +82,28 @@ def list_inputs(spec: str, samples_per_shard: int, image_col: str = "image", cap
         return _chunk(_table_records(p, image_col, caption_col), samples_per_shard, p.name)
     if p.is_dir() and not glob.glob(os.path.join(glob.escape(spec), "*.tar")):
         return _chunk(_folder_records(p), samples_per_shard, p.name)
-    return [InputUnit(Path(t).name, _tar_reader(t)) for t in list_shards(spec)]
+    try:
+        tars = list_shards(spec)
+    except FileNotFoundError:
+        what = "does not exist" if not any(os.path.exists(part) for part in str(spec).split("::")) else "holds no input"
+        raise FileNotFoundError(f"--input {spec} {what}: expected img2dataset tars (a directory, glob or brace pattern), "
+                                "a folder of images with .txt captions, or a CSV/parquet") from None
+    return [InputUnit(Path(t).name, _tar_reader(t)) for t in tars]
+
+
+def output_dir(spec: str) -> Path:
+    """The --out directory, created; refused with one line when it is a file or cannot be written."""
+    out = Path(spec)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"--out {out} cannot be written: [Errno {e.errno}] {e.strerror}") from None
+    return out
 
 
 def _chunk(records: list[RawRecord], n: int, name: str) -> list[InputUnit]:
@@ -251,6 +272,8 @@ def check_manifest_compatible(out: Path, meta: dict) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     rank, world = dist_env(args.rank, args.world_size)
+    units = list_inputs(args.input, args.samples_per_shard, args.image_col, args.caption_col)  # before --out exists
+    out = output_dir(args.out)
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     image_tok = load_image_tokenizer(
         args.image_tokenizer, **({"image_size": args.image_size, "batch_size": args.batch_size, "device": device}
@@ -259,15 +282,12 @@ def run(args: argparse.Namespace) -> dict:
     if image_tok.image_size != args.image_size:
         raise ValueError(f"--image-size {args.image_size} but the image tokenizer takes {image_tok.image_size} px")
     text_tok = TextTokenizer(args.text_tokenizer)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "image_tokenizer": describe_image_tokenizer(image_tok, args.image_tokenizer),
         "text_tokenizer": text_tok.describe(),
         "prepare": {"input": args.input, "image_size": args.image_size, "small_images": args.small_images},
     }
     check_manifest_compatible(out, meta)
-    units = list_inputs(args.input, args.samples_per_shard, args.image_col, args.caption_col)
     mine = [i for i in range(len(units)) if i % world == rank]
     todo = [i for i in mine if not (out / shard_name(args.prefix, i)).exists()]  # finished shards appear atomically
     for tmp in clean_stale_temporaries(out):

@@ -146,6 +146,27 @@ def _expand_one(spec: str) -> list[str]:
     return sorted(glob.glob(spec))
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def check_token_shard(path: str | Path, members: int = 64) -> None:
+    """Refuse an image tar (img2dataset's `key.jpg` + `key.txt`) given where token shards belong, naming the shard.
+
+    Looks at the first `members` member names only; an unreadable or empty tar is left to the loader, which counts
+    broken records and names the shard."""
+    try:
+        with tarfile.open(path) as tar:
+            names = [m.name for _, m in zip(range(members), tar)]
+    except (OSError, tarfile.TarError):
+        return
+    if any(n.endswith(".codes.npy") for n in names):
+        return
+    images = sorted({Path(n).suffix.lower() for n in names if n.lower().endswith(IMAGE_SUFFIXES)})
+    if images:
+        raise ValueError(f"{path} holds images ({', '.join(images)}), not token shards: turn the image tars into token "
+                         "shards with `python -m t2i_ds.prepare` (docs/data.md) and point data.path at its --out")
+
+
 # ---- writing -------------------------------------------------------------------------------------
 def _atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from t2i_ds.cli import non_negative_float, non_negative_int, positive_int, top_k
 from t2i_ds.demo import data as demo_data
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (ds_configs/)
@@ -34,15 +35,15 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository (ds_configs/)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="t2i_ds.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--n-train", type=int, default=10_000)
-    p.add_argument("--n-val", type=int, default=200)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--ranks", type=int, default=0, help="processes (0: all GPUs, or 2 CPU ranks)")
+    p.add_argument("--n-train", type=positive_int, default=10_000)
+    p.add_argument("--n-val", type=positive_int, default=200)
+    p.add_argument("--steps", type=positive_int, default=1000)
+    p.add_argument("--ranks", type=non_negative_int, default=0, help="processes (0: all GPUs, or 2 CPU ranks)")
     p.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "zero2.json"))
-    p.add_argument("--cfg-scale", type=float, default=3.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid", type=int, default=32, help="images in the PNG grid")
+    p.add_argument("--cfg-scale", type=non_negative_float, default=3.0)
+    p.add_argument("--top-k", type=top_k, default=None)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--grid", type=positive_int, default=32, help="images in the PNG grid")
     p.add_argument("--resume", action="store_true", help="continue an existing run instead of starting fresh")
     return p.parse_args(argv)
 

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from t2i_ds.cli import non_negative_float, non_negative_int, positive_float, positive_int, top_k
 from t2i_ds.eval import fid, generation
 
 
@@ -77,21 +78,21 @@ def add_fid_arguments(p) -> None:
     p.add_argument("--inception", required=True, help="local inception-2015-12-05.pt (TorchScript; never downloaded)")
     p.add_argument("--clip", default=None, help="local CLIP model directory (save_pretrained; never downloaded): CLIP score")
     p.add_argument("--out", required=True, help="directory: fid.jsonl, reference_stats/, images/")
-    p.add_argument("--n", type=int, default=30_000, help="first n captions (0: all)")
-    p.add_argument("--cfg_scale", type=float, default=3.0)
-    p.add_argument("--top_k", type=int, default=1000, help="0: no top-k")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--resize", type=int, default=256, help="GigaGAN eval_res: LANCZOS to this size first (0: none)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers reading images")
+    p.add_argument("--n", type=non_negative_int, default=30_000, help="first n captions (0: all)")
+    p.add_argument("--cfg_scale", type=non_negative_float, default=3.0, help="classifier-free guidance (>= 0; 0: none)")
+    p.add_argument("--top_k", type=top_k, default=1000, help="sample among the k likeliest codes (>= 1; none: all)")
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--batch_size", type=positive_int, default=64)
+    p.add_argument("--resize", type=non_negative_int, default=256, help="GigaGAN eval_res: LANCZOS to this size first (0: none)")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers reading images")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
 def add_coco_arguments(p) -> None:
     p.add_argument("--annotations", required=True, help="COCO captions file, e.g. annotations/captions_val2014.json")
-    p.add_argument("--n", type=int, default=30_000, help="images (one caption each); 0: every image")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=non_negative_int, default=30_000, help="images (one caption each); 0: every image")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default="coco30k.jsonl", help="the caption list (.jsonl; line i = caption index i)")
 
 

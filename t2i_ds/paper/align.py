@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t2i_ds.cli import non_negative_float, non_negative_int, positive_float, positive_int
 from t2i_ds.model.checkpoint import ROWS_FILE
 from t2i_ds.paper.alignment import (
     AlignConfig,
@@ -77,23 +78,23 @@ def load_decoder(path: str | None):
 
 def parse_args(argv=None) -> argparse.Namespace:
     d, v = AlignConfig(), Vocab()
-    p = argparse.ArgumentParser(prog="python -m t2i_ds.paper.align", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="t2i_ds.paper.align", description=__doc__.split("\n")[0])
     p.add_argument("--shards", required=True, help="token shards: a directory, a glob, or a brace pattern")
     p.add_argument("--checkpoint", required=True, help="pre-trained open_lm checkpoint giving the text rows")
     p.add_argument("--out", required=True, help="output directory (TensorBoard events, rows, report)")
     p.add_argument("--tokenizer", help="text tokenizer JSON (tokenizers) to decode the nearest tokens")
-    p.add_argument("--text_size", type=int, default=v.text_size, help="text rows of the vocabulary")
-    p.add_argument("--real_text_size", type=int, default=v.real_text_size, help="ids the tokenizer can produce")
-    p.add_argument("--image_size", type=int, default=v.image_size, help="image codebook size")
-    p.add_argument("--batch_size", type=int, default=d.batch_size)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight_decay", type=float, default=d.weight_decay)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--log_every", type=int, default=d.log_every)
-    p.add_argument("--max_pairs", type=int, help="read at most this many pairs")
-    p.add_argument("--report_codes", type=int, default=32, help="image codes in the nearest-token report")
-    p.add_argument("--top_k", type=int, default=5)
+    p.add_argument("--text_size", type=positive_int, default=v.text_size, help="text rows of the vocabulary")
+    p.add_argument("--real_text_size", type=positive_int, default=v.real_text_size, help="ids the tokenizer can produce")
+    p.add_argument("--image_size", type=positive_int, default=v.image_size, help="image codebook size")
+    p.add_argument("--batch_size", type=positive_int, default=d.batch_size)
+    p.add_argument("--steps", type=positive_int, default=d.steps)
+    p.add_argument("--lr", type=positive_float, default=d.lr)
+    p.add_argument("--weight_decay", type=non_negative_float, default=d.weight_decay)
+    p.add_argument("--seed", type=non_negative_int, default=d.seed)
+    p.add_argument("--log_every", type=positive_int, default=d.log_every)
+    p.add_argument("--max_pairs", type=positive_int, help="read at most this many pairs")
+    p.add_argument("--report_codes", type=positive_int, default=32, help="image codes in the nearest-token report")
+    p.add_argument("--top_k", type=positive_int, default=5, help="nearest text tokens listed per code")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     return p.parse_args(argv)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,9 @@ def run_train(run_dir: Path, data: Path, steps: int, extra: list[str], args) -> 
         f"train.run_dir={run_dir}", f"train.steps={steps}",
         f"train.log_every={args.log_every}", f"train.seed={args.seed}", "train.resume=never", "train.ckpt_every=0", *extra,
     ]
+    if (run_dir / "checkpoints").is_dir():  # a comparison trains fresh runs; the trainer refuses to start over one
+        print(f"[compare] removing the earlier run {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "t2i_ds.train", "--ds_config", args.ds_config, "--preset", "demo"]
     for s in sets:
         cmd += ["--set", s]

@@ -99,14 +99,15 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
 
 
 class TensorBoard:
-    """SummaryWriter on rank 0; a no-op elsewhere."""
+    """SummaryWriter on rank 0; a no-op elsewhere. `purge_step`: events of earlier invocations at or after it are
+    hidden (a resume from step S purges S + 1 on, logged after that checkpoint by the interrupted invocation)."""
 
-    def __init__(self, log_dir: str, enabled: bool):
+    def __init__(self, log_dir: str, enabled: bool, purge_step: int | None = None):
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir)
+            self.writer = SummaryWriter(log_dir, purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer:

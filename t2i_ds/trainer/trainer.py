@@ -5,6 +5,19 @@ targets of the *global* batch: each micro-batch contributes `loss_sum * world * 
 where N_global (the step's target count over all ranks and micro-batches) is all-reduced once per
 step as a device tensor. DeepSpeed divides by `accum` in backward and averages gradients over the
 `world` data-parallel ranks, which cancels the two factors exactly.
+
+A run never lies and never loses work:
+  * Before DeepSpeed starts (every rank, nothing written yet): no stale JIT build lock, no live training in
+    the run directory, the checkpoint to resume verified against its manifest (falling back to the previous
+    one with a warning), and the config compared with the run's (t2i_ds.trainer.rundir).
+  * Rank 0 holds the run directory's lock; failures at agreement points (data fetch, checkpoint save/load,
+    the lock) end every rank together with the failing rank's one line (t2i_ds.trainer.agree).
+  * Non-finite steps: ZeRO's optimizer (DeepSpeed 0.19) checks the global gradient norm it computes anyway,
+    in fp32 and bf16 alike, and on a non-finite one skips the update and the LR scheduler; the loop reads
+    `engine.skipped_steps` (a host integer: no extra sync), counts, logs, postpones a scheduled checkpoint
+    to the next good step, and after `train.max_consecutive_skips` in a row stops without saving, naming the
+    last good checkpoint. The step counter and the data advance over a skipped step, as DeepSpeed's own
+    `global_steps` does; the LR schedule does not.
 """
 
 from __future__ import annotations
@@ -18,9 +31,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from t2i_ds.config import Config
+from t2i_ds.atomic import atomic_write_text
+from t2i_ds.config import Config, ConfigError
 from t2i_ds.provenance import git_revision
-from t2i_ds.trainer import checkpointing
+from t2i_ds.trainer import checkpointing, jit_cache, rundir
+from t2i_ds.trainer.agree import Agreement
 from t2i_ds.trainer.batching import BatchPlan, resolve_batch, resolve_ds_config
 from t2i_ds.trainer.comms import CommsWindow, logger_enabled
 from t2i_ds.trainer.flops import flops_per_token, modality_positions, peak_flops
@@ -33,6 +48,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """Start (or join) the process group; works under the DeepSpeed launcher or as a single process."""
     import deepspeed
 
+    jit_cache.use_own_cache()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -48,7 +64,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def total_steps(cfg: Config, plan: BatchPlan) -> int:
-    return cfg.train.steps if cfg.train.steps > 0 else max(1, cfg.train.total_tokens // plan.tokens_per_step)
+    """train.steps, or (when null) train.total_tokens // tokens per step."""
+    return cfg.train.steps if cfg.train.steps is not None else max(1, cfg.train.total_tokens // plan.tokens_per_step)
+
+
+class NonFiniteStop(RuntimeError):
+    """Too many skipped (non-finite) steps in a row."""
+
+    user_error = True
+    agreed = True  # DeepSpeed all-reduces the overflow flag: every rank stops at the same step
 
 
 class StopFlag:
@@ -65,37 +89,107 @@ class StopFlag:
 
 class Trainer:
     def __init__(self, cfg: Config, user_ds_config: dict):
+        self.lock: rundir.RunLock | None = None
+        try:
+            self._setup(cfg, user_ds_config)
+        except BaseException:
+            if self.lock is not None:  # a failed start leaves the run directory free
+                self.lock.release()
+            raise
+
+    def _setup(self, cfg: Config, user_ds_config: dict) -> None:
         self.cfg = cfg
-        self.rank, self.world, self.device = init_distributed()
-        self.vocab = cfg.vocab.build()
         t = cfg.train
-        self.plan = resolve_batch(t.tokens_per_step, self.vocab.seq_len, t.micro_batch, self.world, t.batch_tolerance)
-        self.ds_config = resolve_ds_config(user_ds_config, self.plan, cfg.optim.grad_clip, self.device.type == "cuda")
-        self.steps = total_steps(cfg, self.plan)
         self.run_dir = Path(t.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.data = self._make_data()  # before the model: a bad data path fails fast
-        model = build_initialised_model(cfg, self.vocab, self.ds_config)  # partitioned while built under ZeRO-3
+        # every rank, before DeepSpeed starts (the same answer on every rank; nothing is written)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.vocab = cfg.vocab.build()
+        self.plan = resolve_batch(t.tokens_per_step, self.vocab.seq_len, t.micro_batch, world, t.batch_tolerance)
+        self.ds_config = resolve_ds_config(user_ds_config, self.plan, cfg.optim.grad_clip, torch.cuda.is_available())
+        self.steps = total_steps(cfg, self.plan)
+        self.resume_from, self.config_changes = self._preflight()
+        self.rank, self.world, self.device = init_distributed()
+        self.agree = Agreement(self.rank, self.world)
+        self.lock, self.run_id = self._take_run_dir()
+        self.data = self._agreed(self._make_data)  # before the model: a bad data path fails fast
+        model = self._agreed(lambda: build_initialised_model(cfg, self.vocab, self.ds_config))  # ZeRO-3: partitioned
         self.param_elements_per_rank = self._gather_ints(resident_parameter_elements(model))
         self.freeze_report = model.freeze_report
-        self.resume_plan = checkpointing.plan_resume(t.resume, self.ckpt_root, self.world, self.rank)
+        self.resume_plan = checkpointing.plan_for(self.resume_from, self.world, self.rank, self.agree)  # may convert
         engine_config = checkpointing.engine_config(self.ds_config, self.resume_plan)  # load_universal if converted
         self.engine = wrap_with_deepspeed(model, cfg, engine_config, self.steps, self.device)
-        self.tb = TensorBoard(str(self.run_dir / "tb"), enabled=self.rank == 0)
         self.window = MetricWindow(self.device)
         self.comms = CommsWindow() if logger_enabled(self.ds_config) else None
         self.step = 0
         self._logged_step = 0  # step of the last metrics log
         self.tokens_seen = 0
+        self.skipped, self.skip_streak, self.save_pending = 0, 0, False
+        self.last_saved: int | None = None  # step of this invocation's newest checkpoint (or the resumed one)
         self.flops_per_token = flops_per_token(model.args, self.vocab.seq_len)
         self.peak = peak_flops(self.device)
-        self.probes = self._make_probes()
-        self.sampler = self._make_sampler()
+        self.probes = self._agreed(self._make_probes)
+        self.sampler = self._agreed(self._make_sampler)
         self.stop = StopFlag()
+        self._resume()
+        self.tb = TensorBoard(str(self.run_dir / "tb"), enabled=self.rank == 0, purge_step=self.step + 1 if self.step else 0)
         self._write_run_files()
-        self._maybe_resume()
 
     # ---- set-up --------------------------------------------------------------------------------
+    def _log0(self, msg: str) -> None:
+        """Before the process group exists: print on rank 0 (the launcher's RANK) only."""
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[t2i_ds] {msg}", flush=True)
+
+    def _preflight(self) -> tuple[Path | None, list[str]]:
+        """Checks every rank makes before DeepSpeed starts (deterministic, so the ranks agree); nothing is written.
+        Returns the verified checkpoint to resume (or None) and the allowed config changes since it."""
+        t = self.cfg.train
+        jit_cache.use_own_cache()
+        jit_cache.check_build_locks(warn=lambda m: self._log0(m.removeprefix("[t2i_ds] ")))
+        rundir.check_not_busy(self.run_dir)
+        if t.data_source == "shards":  # no shards, or image tars given as token data: one line naming the path
+            from t2i_ds.data.shards import check_token_shard, list_shards
+
+            check_token_shard(list_shards(self.cfg.data.path)[0])
+        if t.resume == "never":
+            done = checkpointing.complete_checkpoints(self.ckpt_root)
+            if done:
+                raise ConfigError(f"train.resume=never, but {self.run_dir} holds complete checkpoints of an earlier run "
+                                  f"(newest {done[-1].name}): resume it with train.resume=auto, or choose another "
+                                  "train.run_dir (or delete its checkpoints/)")
+        path = checkpointing.find_resume(t.resume, self.ckpt_root, warn=self._log0)
+        changes = rundir.check_resume_config(path.parent.parent, self.cfg.to_dict()) if path else []
+        return path, changes
+
+    def _agreed(self, fn):
+        """fn() on every rank; a failure on any rank ends every rank with its message."""
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001
+            error = e
+        self.agree(error)
+        return result
+
+    def _take_run_dir(self) -> tuple[rundir.RunLock | None, str]:
+        """Rank 0 takes the run directory's lock; every rank learns the run id (and checks the resume choice agrees)."""
+        self.agree(None)  # every rank is past its preflight (under NCCL, joining the group is no barrier): the lock
+        # taken now would look like another training to a rank still checking the directory
+        lock = self._agreed(lambda: rundir.RunLock(self.run_dir) if self.rank == 0 else None)
+        if lock is not None and lock.stale:
+            self.log(lock.stale)
+        mine = [rundir.run_id(self.run_dir), str(self.resume_from)]
+        if self.world > 1:
+            everyone: list = [None] * self.world
+            dist.all_gather_object(everyone, mine)
+            choices = {e[1] for e in everyone}
+            self.agree(None if len(choices) == 1 else ConfigError(
+                f"ranks chose different checkpoints to resume ({sorted(choices)}): is {self.run_dir} on a "
+                "filesystem every rank sees the same way?"))
+            mine = everyone[0]
+        return lock, mine[0]
+
     def _make_data(self):
         t = self.cfg.train
         if t.data_source == "synthetic":
@@ -150,13 +244,15 @@ class Trainer:
         return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
     def _write_run_files(self) -> None:
+        """After the resume succeeded (or for a new run): the resolved config, plan and provenance of this run."""
         if self.rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
-        (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
-        (self.run_dir / "git_revision.txt").write_text(git_revision() + "\n")
-        (self.run_dir / "command.txt").write_text(" ".join(sys.argv) + "\n")
+        rundir.write_run_id(self.run_dir, self.run_id)
+        atomic_write_text(self.run_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=2, default=str))
+        atomic_write_text(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
+        atomic_write_text(self.run_dir / "git_revision.txt", git_revision() + "\n")
+        atomic_write_text(self.run_dir / "command.txt", " ".join(sys.argv) + "\n")
         p = self.plan
         summary = {
             "world_size": self.world, "micro_batch": p.micro_batch, "grad_accum": p.grad_accum,
@@ -164,28 +260,37 @@ class Trainer:
             "trainable_params": self.freeze_report.trainable, "total_params": self.freeze_report.total,
             "param_elements_per_rank": self.param_elements_per_rank,  # held after construction (ZeRO-3: partitions)
         }
-        (self.run_dir / "plan.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(self.run_dir / "plan.json", json.dumps(summary, indent=2))
         self.tb.text("config", "```\n" + json.dumps(self.cfg.to_dict(), indent=2, default=str) + "\n```", 0)
         self.tb.scalars({"params/trainable": self.freeze_report.trainable, "params/total": self.freeze_report.total}, 0)
+        derived = f" (derived from train.total_tokens={self.cfg.train.total_tokens:,})" if self.cfg.train.steps is None else ""
         self.log(f"{self.freeze_report}; {p.global_batch} sequences = {p.tokens_per_step:,} tokens per step "
-                 f"({p.micro_batch} x {p.grad_accum} accum x {self.world} ranks), {self.steps} steps")
+                 f"({p.micro_batch} x {p.grad_accum} accum x {self.world} ranks), {self.steps} steps{derived}")
 
-    def _maybe_resume(self) -> None:
+    def _resume(self) -> None:
+        """Load the checkpoint chosen (and verified) by the preflight; every rank or none."""
         plan = self.resume_plan
         if plan is None:
+            if self.rank == 0:
+                rundir.trim_step_logs(self.run_dir, 0)  # rows of an attempt that never reached a checkpoint
             return
         if plan.universal:
             self.log(f"resume: {plan.path.name} was saved by {plan.saved_world} data-parallel ranks, this run has "
                      f"{self.world}; converted with DeepSpeed's universal checkpoint into {plan.path.name}/{plan.tag} "
                      "(optimizer state included), loading that")
-        client, rank_state = checkpointing.load(self.engine, plan, self.rank)
+        client, rank_state = self._agreed(lambda: checkpointing.load(self.engine, plan, self.rank))
         self.step, self.tokens_seen = int(client["step"]), int(client["tokens_seen"])
+        self.skipped = int(client.get("skipped_steps", 0))
+        self.last_saved = self.step
         if rank_state is not None:
             self.data.load_state_dict(rank_state["data"])
             if "rng" in rank_state:
                 checkpointing.set_rng_state(rank_state["rng"])
         self._logged_step = self.step
-        self.log(f"resumed from {plan.path} at step {self.step}")
+        dropped = rundir.trim_step_logs(self.run_dir, self.step) if self.rank == 0 else 0
+        self.log(f"resumed from {plan.path} at step {self.step}" + (f"; dropped {dropped} metrics rows logged after it" if dropped else ""))
+        if self.config_changes:
+            self.log("config changed since the checkpoint: " + "; ".join(self.config_changes))
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -206,14 +311,19 @@ class Trainer:
         return count.clamp(min=1.0)
 
     def _next_micro_batches(self) -> list[dict[str, torch.Tensor]]:
-        """This step's micro-batches; their sample ids go to run_dir/samples/ when train.record_samples."""
+        """This step's micro-batches; their sample ids go to run_dir/samples/ when train.record_samples. A data error
+        on any rank (a damaged shard) ends every rank with its line."""
+        micro, keys = self._agreed(self._fetch)
+        if self.cfg.train.record_samples:
+            self._record_samples(keys)
+        return micro
+
+    def _fetch(self) -> tuple[list[dict[str, torch.Tensor]], list[str]]:
         micro, keys = [], []
         for _ in range(self.plan.grad_accum):
             micro.append(self._to_device(next(self.data)))
             keys += getattr(self.data, "last_keys", [])
-        if self.cfg.train.record_samples:
-            self._record_samples(keys)
-        return micro
+        return micro, keys
 
     def _record_samples(self, keys: list[str]) -> None:
         """One JSON line per step and rank: the sample ids this rank trained on (host data, no sync)."""
@@ -222,9 +332,11 @@ class Trainer:
         with open(path, "a") as f:
             f.write(json.dumps({"step": self.step + 1, "ids": keys}) + "\n")
 
-    def train_step(self) -> None:
+    def train_step(self) -> bool:
+        """One optimizer step; True when DeepSpeed skipped the update (non-finite global gradient norm)."""
         micro = self._next_micro_batches()
         scale = (self.world * self.plan.grad_accum) / self._global_count(micro)  # device scalar
+        skipped_before = self.engine.skipped_steps
         for batch in micro:
             ids, tgt = batch["input_ids"], batch["targets"]
             out = self.engine(ids, tgt)
@@ -234,6 +346,22 @@ class Trainer:
             self.window.add_positions(modality_positions(tgt, self.vocab.modality_bounds))  # device ops, no sync
         self.step += 1
         self.tokens_seen += self.plan.tokens_per_step
+        return self.engine.skipped_steps > skipped_before  # host ints: DeepSpeed synced its overflow flag already
+
+    def _count_skip(self) -> None:
+        """Count and log a skipped step; stop after `max_consecutive_skips` in a row, without saving."""
+        self.skipped += 1
+        self.skip_streak += 1
+        self.tb.scalars({"train/skipped_steps": self.skipped}, self.step)
+        limit = self.cfg.train.max_consecutive_skips
+        self.log(f"step {self.step}: non-finite gradient norm, update skipped ({self.skip_streak} in a row of at most "
+                 f"{limit}, {self.skipped} in this run)")
+        if self.skip_streak >= limit:
+            kept = checkpointing.complete_checkpoints(self.ckpt_root, self.run_id)
+            last = f"the last good complete checkpoint is {kept[-1]}" if kept else "this run has no complete checkpoint yet"
+            raise NonFiniteStop(
+                f"{self.skip_streak} steps in a row (steps {self.step - self.skip_streak + 1}-{self.step}) had a non-finite "
+                f"gradient norm: stopped without saving; {last} (lower optim.lr or check the data, then resume)")
 
     # ---- logging, checkpoints, loop ------------------------------------------------------------
     def _log_metrics(self) -> dict[str, float]:
@@ -242,6 +370,7 @@ class Trainer:
         metrics = loss_metrics(sums, counts)
         tok_s = tokens / max(seconds, 1e-9)
         metrics.update({
+            "train/skipped_steps": float(self.skipped),
             "lr": self.engine.get_lr()[0],
             "tokens/seen": float(self.tokens_seen),
             "perf/tokens_per_s": tok_s,
@@ -279,9 +408,11 @@ class Trainer:
         self.log(" | ".join(parts))
 
     def save(self) -> None:
-        client = {"step": self.step, "tokens_seen": self.tokens_seen}
+        client = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped}
         rank_state = {"data": self.data.state_dict()}
-        path = checkpointing.save(self.engine, self.ckpt_root, self.step, client, rank_state, self.cfg.train.keep_last, self.rank)
+        path = checkpointing.save(self.engine, self.ckpt_root, self.step, client, rank_state, self.cfg.train.keep_last,
+                                  self.rank, self.world, self.run_id, self.agree)
+        self.last_saved, self.save_pending = self.step, False
         self.log(f"checkpoint {path}")
 
     def _stop_requested(self) -> bool:
@@ -312,27 +443,40 @@ class Trainer:
         last: dict[str, float] = {}
         t = self.cfg.train
         while self.step < self.steps:
-            self.train_step()
+            skipped = self.train_step()
+            if skipped:
+                self._count_skip()
+            else:
+                self.skip_streak = 0
             if self.step % t.log_every == 0 or self.step == self.steps:
                 last = self._log_metrics()
                 self._print(last)
             self.run_hooks()
-            if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < self.steps:
+            # a scheduled checkpoint waits for a good step: a run of skips must not rotate out older checkpoints
+            self.save_pending |= bool(t.ckpt_every) and self.step % t.ckpt_every == 0 and self.step < self.steps
+            if self.save_pending and not skipped:
                 self.save()
             if self._stop_requested():
                 self.log("stop requested: writing a checkpoint and exiting")
-                self.save()
+                self._final_save()
                 break
             if t.stop_after_steps and self.step - self.first_step >= t.stop_after_steps and self.step < self.steps:
                 self.log(f"stop_after_steps={t.stop_after_steps} reached: writing a checkpoint and exiting")
-                self.save()
+                self._final_save()
                 break
         else:
-            done = checkpointing.complete_checkpoints(self.ckpt_root)
-            if t.save_final and (not done or done[-1].name != checkpointing.tag_for(self.step)):
-                self.save()
+            if t.save_final:
+                self._final_save()
         self.tb.flush()
         return last
 
+    def _final_save(self) -> None:
+        """The invocation's last checkpoint, unless this invocation already saved (or resumed) this very step.
+        Its weights are those of the last good step even after a few skipped ones (a skip never updates)."""
+        if self.last_saved != self.step:
+            self.save()
+
     def close(self) -> None:
         self.tb.close()
+        if self.lock is not None:
+            self.lock.release()

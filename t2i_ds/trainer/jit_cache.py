@@ -1,0 +1,88 @@
+"""DeepSpeed's JIT-built ops (the CPU communication op, CPU Adam) live in this environment's own cache, and a
+build lock left by a killed build is reported instead of waited on forever.
+
+torch's `cpp_extension.load` guards a build with `<TORCH_EXTENSIONS_DIR>/<op>/lock` (torch.utils.file_baton):
+the building process creates it with O_EXCL and keeps it open until the build ends; every other process
+polls until the file disappears, with no timeout and no output. A build killed part-way leaves the file, and
+every later start hangs. Before DeepSpeed starts, `check_build_locks` looks at each lock file in the cache: one
+that no process on this host holds open was left by a killed build, and the run stops with one line naming the
+file to remove. (On several nodes sharing the cache a build on another node looks the same from here, so there
+it is a warning line and the wait goes on.)
+
+`use_own_cache` points TORCH_EXTENSIONS_DIR at `<sys.prefix>/torch_extensions` when it is unset, so two virtual
+environments never rebuild (40-60 s each start) or wait on each other's op.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ENV = "TORCH_EXTENSIONS_DIR"
+
+
+class JitLockError(RuntimeError):
+    """A JIT build lock without a live holder."""
+
+    user_error = True
+
+
+def use_own_cache() -> str:
+    """Set TORCH_EXTENSIONS_DIR to this environment's cache unless the user chose one; returns the directory."""
+    return os.environ.setdefault(ENV, os.path.join(sys.prefix, "torch_extensions"))
+
+
+def build_locks(root: str | Path) -> list[Path]:
+    """Lock files of builds under `root` (`<op>/lock`, or `<pyXY_cpu>/<op>/lock` in torch's default layout)."""
+    root = Path(root)
+    return sorted(p for pattern in ("*/lock", "*/*/lock") for p in root.glob(pattern) if p.is_file())
+
+
+def _holders(paths: list[Path]) -> set[Path]:
+    """Those of `paths` some process on this host has open (/proc/<pid>/fd links), as resolved paths."""
+    wanted = {os.path.realpath(p) for p in paths}
+    held = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:  # gone, or another user's process
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if target in wanted:
+                held.add(Path(target))
+    return held
+
+
+def _single_node() -> bool:
+    """True unless the launcher says the job spans several nodes (DeepSpeed: CROSS_SIZE; torchrun: sizes)."""
+    if int(os.environ.get("CROSS_SIZE", "1")) > 1:
+        return False
+    world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+    return not (world and local and int(world) > int(local))
+
+
+def check_build_locks(warn=print) -> None:
+    """Raise JitLockError (one line) for a build lock in the cache that no live process holds."""
+    root = os.environ.get(ENV)
+    if not root or not os.path.isdir(root) or not os.path.isdir("/proc"):
+        return
+    locks = build_locks(root)
+    if not locks:
+        return
+    held = _holders(locks)
+    stale = [p for p in locks if Path(os.path.realpath(p)) not in held]
+    if not stale:
+        return
+    message = (f"{stale[0]} is a JIT build lock that no process holds (a build was killed part-way); "
+               f"remove it (rm {stale[0]}) and start again, or DeepSpeed waits on it forever")
+    if _single_node():
+        raise JitLockError(message)
+    warn(f"[t2i_ds] warning: {message} (unless a build on another node of this job holds it)")
