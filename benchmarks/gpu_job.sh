@@ -82,8 +82,12 @@ if [ "$MODE" = gpu ]; then
 fi
 
 mapfile -t CUDA_TESTS < <(grep -l "requires_cuda" tests/test_*.py)
-stage tests 140 "$PY" -m pytest -q -p no:cacheprovider -m requires_cuda --durations=15 --junitxml="$OUT/junit.xml" \
-  "${CUDA_TESTS[@]}"
+# Triton's first-launch compiles dominate this stage on a bare machine: spread the tests over processes where
+# pytest-xdist is installed (the GPU image has it; the GPU's memory holds the largest tests side by side).
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 6)
+stage tests 140 "$PY" -m pytest -q -p no:cacheprovider -m requires_cuda "${XDIST[@]}" --durations=15 \
+  --junitxml="$OUT/junit.xml" "${CUDA_TESTS[@]}"
 stage fused_ce 140 "$PY" benchmarks/bench_fused_ce.py "${SMOKE[@]}" --batches 8 --out "$OUT/fused_ce.jsonl" \
   --impls sum_triton triton eager compile liger cce torch_lce torch_lce_chunked
 stage train 150 "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/train.jsonl"
