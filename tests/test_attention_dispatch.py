@@ -1,12 +1,10 @@
 """The model's attention entry point: every backend agrees with "eager", KV-cache alignment, input checks."""
 
 import os
-import sys
 
 import torch
 
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the "triton" backend runs through the interpreter on CPU
+# TRITON_INTERPRET=1 is set by tests/conftest.py (without CUDA), before any test module imports triton.
 
 import pytest  # noqa: E402
 

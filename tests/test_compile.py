@@ -21,8 +21,7 @@ import torch
 
 # The interpreter is chosen when triton first imports (see tests/test_fused_ce.py): decide it before that.
 _HAS_CUDA = torch.cuda.is_available()
-if not _HAS_CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+# TRITON_INTERPRET=1 is set by tests/conftest.py (without CUDA), before any test module imports triton.
 
 from functorch.compile import make_boxed_func  # noqa: E402
 import torch._dynamo.testing  # noqa: E402
@@ -238,7 +237,7 @@ if not _KERNELS_IN_PROCESS:
 
     def test_compile_in_interpreter_subprocess():
         """The @in_process tests, re-run in a fresh process where TRITON_INTERPRET=1 precedes the triton import."""
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        env = dict(os.environ)  # conftest set TRITON_INTERPRET=1 on this CPU machine
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not subprocess"]
         proc = subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               capture_output=True, text=True, timeout=600)

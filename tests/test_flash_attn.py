@@ -6,22 +6,15 @@ covered by the CUDA tests). Error budget: max|kernel - ref| <= 2 * max|torch_sam
 units of the dtype at the reference's magnitude (flash-attn's test recipe).
 """
 
-import os
-import sys
 
 import torch
 
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+# TRITON_INTERPRET=1 is set by tests/conftest.py (without CUDA), before any test module imports triton.
 
 import pytest  # noqa: E402
 
 from t2i_kernels._common import interpreting  # noqa: E402
 from t2i_kernels.flash_attn import _flash_attn_forward, attention_ref, flash_attention  # noqa: E402
-
-
-def requires_cuda(fn):
-    return pytest.mark.requires_cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn))
 
 
 # The small cases run on CPU tensors through the interpreter. On a CUDA machine without TRITON_INTERPRET=1 the
@@ -148,7 +141,7 @@ def test_input_checks():
 
 
 # ---------------------------------------------------------------- GPU: real shapes, bf16 ------------------
-@requires_cuda
+@pytest.mark.requires_cuda
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("B", [2, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -157,7 +150,7 @@ def test_cuda_1152_tokens(B, causal, dtype):
     _check_against_budget(q, k, v, causal)
 
 
-@requires_cuda
+@pytest.mark.requires_cuda
 def test_cuda_kv_cache_and_determinism():
     q, k, v = _qkv(4, 1152, 1152, 16, 128, torch.bfloat16, device="cuda")
     _check_against_budget(q[:, -100:], k, v, True)

@@ -20,8 +20,7 @@ import torch
 # The interpreter is chosen when triton.jit decorates kernels, i.e. when triton and fused_linear_ce are first
 # imported, so the decision is made at import time (torch.cuda.is_available() creates no CUDA context).
 _HAS_CUDA = torch.cuda.is_available()
-if not _HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+# TRITON_INTERPRET=1 is set by tests/conftest.py (without CUDA), before any test module imports triton.
 
 from t2i_kernels import cross_entropy  # noqa: E402
 from t2i_kernels import fused_linear_ce as flce  # noqa: E402
@@ -298,7 +297,7 @@ if not _KERNELS_IN_PROCESS:
 
     def test_kernels_in_interpreter_subprocess():
         """The @in_process tests, re-run in a fresh process where TRITON_INTERPRET=1 precedes the triton import."""
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        env = dict(os.environ)  # conftest set TRITON_INTERPRET=1 on this CPU machine
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not subprocess"]
         proc = subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               capture_output=True, text=True, timeout=600)

@@ -6,13 +6,10 @@ fp32 kernel is judged against something more exact than itself) and atol two rou
 reference's magnitude.
 """
 
-import os
-import sys
 
 import torch
 
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+# TRITON_INTERPRET=1 is set by tests/conftest.py (without CUDA), before any test module imports triton.
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
