@@ -194,9 +194,11 @@ class NvccEntry:
 
 
 def nvcc_entries() -> list[NvccEntry]:
-    """CUDA sources of csrc/ to gate. None exist yet; a csrc op adds its .cu file here, e.g.
-    ``NvccEntry("cfg_sampling", ROOT / "csrc" / "cfg_sampling.cu")``."""
-    return []
+    """CUDA sources of csrc/ to gate, compiled with the flags the op is built with (t2i_csrc.NVCC_FLAGS)."""
+    import t2i_csrc  # sources and flags of the C++/CUDA ops; importing it builds nothing
+
+    return [NvccEntry(Path(src).stem, t2i_csrc.SOURCE_DIR / src, (*t2i_csrc.NVCC_FLAGS, "-I", str(t2i_csrc.SOURCE_DIR)))
+            for src in t2i_csrc.CUDA_SOURCES]
 
 
 # ----------------------------------------------------------------------------------------------------------------
