@@ -1,28 +1,30 @@
 # Two commands do all the work on a fresh machine: `make demo` and `make test`.
-# Both create the virtual environment first (CPU torch pinned so no CUDA build is downloaded).
+# Both create the virtual environment first, from the lock files in requirements/ (every package at an exact
+# version, with hashes; CPU torch, so no CUDA build is downloaded). `make lock` regenerates the locks.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_PIN ?= torch==2.13.0
-CLEANFID_PIN ?= clean-fid==0.1.35
+PIP := $(PY) -m pip install -q --no-deps
+LOCKS := requirements/bootstrap.lock requirements/cpu.lock requirements/nodeps.lock
 STAMP := $(VENV)/.installed
 # DeepSpeed's JIT-built ops live inside the environment: venvs never rebuild or lock each other's
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench lock test-latest clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH_PIN)"
-	# --no-build-isolation: deepspeed builds against the torch installed above, never a fresh CUDA one.
-	PIP_CONSTRAINT= $(PY) -m pip install -q --no-build-isolation -e ".[test]" "$(TORCH_PIN)"
-	# clean-fid, the FID protocol's reference implementation, for the parity tests (tests/test_cleanfid_parity.py):
-	# --no-deps because it requires torchvision, which does not install beside the CPU torch pin; the module the
-	# tests use (cleanfid.resize) needs neither.
-	$(PY) -m pip install -q --no-deps "$(CLEANFID_PIN)"
+# --clear: a lock change rebuilds the venv from nothing, so nothing the lock no longer names survives.
+# Pass 1 installs the installers and torch; pass 2 the rest (DeepSpeed builds from source against that torch,
+# hence --no-build-isolation); pass 3 the project itself (editable, no dependencies of its own: the locks
+# hold them all); pass 4 clean-fid outside site-packages (requirements/nodeps.in says why).
+$(STAMP): pyproject.toml $(LOCKS)
+	$(PYTHON) -m venv --clear $(VENV)
+	$(PIP) --require-hashes -r requirements/bootstrap.lock
+	$(PIP) --require-hashes --no-build-isolation -r requirements/cpu.lock
+	$(PIP) --no-build-isolation -e .
+	$(PIP) --require-hashes --target $(VENV)/nodeps -r requirements/nodeps.lock
+	$(PY) -m pip check
 	touch $(STAMP)
 
 # tests/conftest.py picks the CPU accelerator and the Triton interpreter when there is no GPU
@@ -37,5 +39,36 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_fused_ce.py
 	$(PY) benchmarks/bench_attention.py
 
+# Regenerate the locks with uv (pinned, in its own venv). Versions already locked are kept where they still
+# resolve; `make lock LOCK_FLAGS=--upgrade` moves everything to the newest release pyproject's ranges allow.
+UV_PIN ?= uv==0.13.9
+LOCK_VENV ?= .venv-lock
+# where the CPU torch wheel is found: this machine's disk, or PyTorch's CPU index elsewhere
+TORCH_SOURCE ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+UV_COMPILE = $(LOCK_VENV)/bin/uv pip compile -q --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 $(TORCH_SOURCE) --custom-compile-command "make lock" $(LOCK_FLAGS)
+
+lock:
+	test -x $(LOCK_VENV)/bin/uv || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q "$(UV_PIN)"; }
+	$(UV_COMPILE) pyproject.toml requirements/cpu.in --extra test -o requirements/cpu.lock
+	$(UV_COMPILE) requirements/bootstrap.in -c requirements/cpu.lock -o requirements/bootstrap.lock
+	$(UV_COMPILE) requirements/nodeps.in --no-deps -o requirements/nodeps.lock
+	# a CUDA machine's pins: cpu.lock without torch and triton, which come with the CUDA build (README)
+	$(UV_COMPILE) pyproject.toml requirements/cpu.in --extra test -c requirements/cpu.lock \
+		--no-emit-package torch --no-emit-package triton -o requirements/gpu.lock
+
+# The drift check (not part of `make test` or CI): a second venv from pyproject's ranges alone, newest releases,
+# the CPU torch wheel the one exception; then the suite, less the test that holds the venv to the lock.
+LATEST_VENV ?= .venv-latest
+test-latest:
+	$(PYTHON) -m venv --clear $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(LATEST_VENV)/bin/python -m pip install -q "torch==2.13.0+cpu"
+	$(LATEST_VENV)/bin/python -m pip install -q --no-build-isolation -e ".[test]" "torch==2.13.0+cpu"
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps --target $(LATEST_VENV)/nodeps clean-fid
+	$(LATEST_VENV)/bin/python -m pip check
+	TORCH_EXTENSIONS_DIR=$(abspath $(LATEST_VENV))/torch_extensions \
+		$(LATEST_VENV)/bin/python -m pytest -q tests --deselect tests/test_environment.py::test_venv_matches_the_locks
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) $(LATEST_VENV) runs .pytest_cache
