@@ -1,6 +1,6 @@
-"""Our FID protocol against its reference implementation, clean-fid (installed by the Makefile with --no-deps:
-`cleanfid.resize` imports without torchvision, `cleanfid.fid` does not, so its Frechet distance is read from its
-source file and run as it is).
+"""Our FID protocol against its reference implementation, clean-fid (installed by the Makefile with --no-deps into
+<venv>/nodeps, outside site-packages (requirements/nodeps.in says why): `cleanfid.resize` imports without torchvision,
+`cleanfid.fid` does not, so its Frechet distance is read from its source file and run as it is).
 
 - resizing: clean-fid's `make_resizer("PIL", False, "bicubic", (299, 299))` ("clean" mode) and GigaGAN's uint8
   LANCZOS step (`make_resizer("PIL", True, "lanczos", (256, 256))`) give the same arrays, byte for byte, as ours
@@ -10,6 +10,7 @@ source file and run as it is).
 
 import ast
 import importlib.util
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from PIL import Image
 from t2i_ds.eval.features import center_crop_square, clean_resize, preprocess
 from t2i_ds.eval.stats import frechet_distance
 
+sys.path.append(str(Path(sys.prefix) / "nodeps"))  # where make venv puts clean-fid
 cleanfid_resize = pytest.importorskip("cleanfid.resize", reason="clean-fid not installed (make venv installs it --no-deps)")
 
 
