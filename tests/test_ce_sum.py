@@ -13,33 +13,18 @@ backward code runs with shapes only (``torch.utils.flop_counter.FlopCounterMode`
 the CUDA caching allocator would be asked for, block rounding aside).
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-_HAS_CUDA = torch.cuda.is_available()
-# TRITON_INTERPRET=1 is set by tests/conftest.py (without CUDA), before any test module imports triton.
+from t2i_kernels import ce_sum
+from t2i_kernels.ce_grad_pass import ce_grad_pass, ce_grad_pass_ref
+from t2i_kernels.chunked_ce import chunked_linear_cross_entropy, linear_cross_entropy_torch
+from t2i_kernels.cross_entropy import linear_cross_entropy_sum
+from t2i_kernels.fused_linear_ce import linear_cross_entropy_ref
+from tests.kernel_setup import (DEVICE, HAS_CUDA, IGNORE, N_IMAGE, T_TEXT, V_SMALL, in_process,
+                                rerun_in_interpreter)
 
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from t2i_kernels import ce_sum  # noqa: E402
-from t2i_kernels._common import interpreting  # noqa: E402
-from t2i_kernels.ce_grad_pass import ce_grad_pass, ce_grad_pass_ref  # noqa: E402
-from t2i_kernels.chunked_ce import chunked_linear_cross_entropy, linear_cross_entropy_torch  # noqa: E402
-from t2i_kernels.cross_entropy import linear_cross_entropy_sum  # noqa: E402
-from t2i_kernels.fused_linear_ce import linear_cross_entropy_ref  # noqa: E402
-
-_KERNELS_IN_PROCESS = _HAS_CUDA or interpreting()
-in_process = pytest.mark.skipif(not _KERNELS_IN_PROCESS,
-                                reason="triton imported without TRITON_INTERPRET; run by the subprocess test")
-
-DEVICE = "cuda" if _HAS_CUDA else "cpu"
-IGNORE = -100
-T_TEXT, N_IMAGE, N_SPECIAL = 300, 64, 6
-V_SMALL = T_TEXT + N_IMAGE + N_SPECIAL                    # 370
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 N_REAL, H_REAL, V_REAL = 1152 * 8, 2048, 66822
 MiB = 2**20
@@ -216,7 +201,7 @@ def test_sum_input_checks():
         ce_sum.linear_cross_entropy_sum(h, w, targets.float())
     with pytest.raises(ValueError):
         ce_sum.linear_cross_entropy_sum(h, w, targets, grad_pass="cuda")
-    if not _HAS_CUDA:  # on CUDA the device-side assert would poison the context for the other tests
+    if not HAS_CUDA:  # on CUDA the device-side assert would poison the context for the other tests
         bad = targets.clone()
         bad[3] = V_SMALL
         with pytest.raises(RuntimeError):
@@ -259,7 +244,7 @@ def test_grad_pass_kernel_matches_reference(dtype, C, V):
 @in_process
 def test_dispatcher_sum_paths_agree():
     h, w, targets, g = make_problem(37, 32, V_SMALL, torch.bfloat16, seed=8)
-    expected_auto = "triton" if _HAS_CUDA else "chunked"
+    expected_auto = "triton" if HAS_CUDA else "chunked"
     outs = {}
     for impl in ("torch", "chunked", "triton", "auto"):
         outs[impl] = check_sum_against_reference(
@@ -313,16 +298,7 @@ def test_opcheck_and_compile_sum_op():
         assert torch.equal(a, b), name
 
 
-if not _KERNELS_IN_PROCESS:
-
-    def test_kernels_in_interpreter_subprocess():
-        """The @in_process tests, re-run in a fresh process where TRITON_INTERPRET=1 precedes the triton import."""
-        env = dict(os.environ)  # conftest set TRITON_INTERPRET=1 on this CPU machine
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not subprocess"]
-        proc = subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              capture_output=True, text=True, timeout=600)
-        print(proc.stdout[-6000:], proc.stderr[-3000:])
-        assert proc.returncode == 0, "kernel tests failed in the interpreter subprocess"
+test_kernels_in_interpreter_subprocess = rerun_in_interpreter(__file__)
 
 
 # --------------------------------------------------------------------------------------------------------------

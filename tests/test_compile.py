@@ -12,34 +12,17 @@ Ops (namespace ``t2i``): ``fused_lce_fwd`` / ``fused_lce_bwd`` (t2i_kernels.fuse
 On CPU the kernels run in the Triton interpreter (fp32/fp16 only: its bf16 ``tl.dot`` is wrong), small shapes.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+import torch._dynamo.testing
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 
-# The interpreter is chosen when triton first imports (see tests/test_fused_ce.py): decide it before that.
-_HAS_CUDA = torch.cuda.is_available()
-# TRITON_INTERPRET=1 is set by tests/conftest.py (without CUDA), before any test module imports triton.
+from t2i_kernels import fused_linear_ce as flce
+from t2i_kernels.cross_entropy import linear_cross_entropy
+from t2i_kernels.flash_attn import flash_attention
+from tests.kernel_setup import DEVICE, IGNORE, in_process, rerun_in_interpreter
 
-from functorch.compile import make_boxed_func  # noqa: E402
-import torch._dynamo.testing  # noqa: E402
-from torch._dynamo.backends.common import aot_autograd  # noqa: E402
-
-from t2i_kernels import fused_linear_ce as flce  # noqa: E402
-from t2i_kernels._common import interpreting  # noqa: E402
-from t2i_kernels.cross_entropy import linear_cross_entropy  # noqa: E402
-from t2i_kernels.flash_attn import flash_attention  # noqa: E402
-
-# Without CUDA the kernels need the interpreter; if triton was imported before it was switched on, these tests run
-# in a fresh subprocess instead (test_compile_in_interpreter_subprocess), never silently dropped.
-_KERNELS_IN_PROCESS = _HAS_CUDA or interpreting()
-in_process = pytest.mark.skipif(not _KERNELS_IN_PROCESS,
-                                reason="triton imported without TRITON_INTERPRET; run by the subprocess test")
-
-DEVICE = "cuda" if _HAS_CUDA else "cpu"
-IGNORE = -100
 OPS = torch.ops.t2i
 
 
@@ -233,16 +216,7 @@ def test_compile_dynamic_shapes_no_recompile():
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames"
 
 
-if not _KERNELS_IN_PROCESS:
-
-    def test_compile_in_interpreter_subprocess():
-        """The @in_process tests, re-run in a fresh process where TRITON_INTERPRET=1 precedes the triton import."""
-        env = dict(os.environ)  # conftest set TRITON_INTERPRET=1 on this CPU machine
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not subprocess"]
-        proc = subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              capture_output=True, text=True, timeout=600)
-        print(proc.stdout[-6000:], proc.stderr[-3000:])
-        assert proc.returncode == 0, "compile tests failed in the interpreter subprocess"
+test_compile_in_interpreter_subprocess = rerun_in_interpreter(__file__)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -10,40 +10,15 @@ the interpreter, so bf16 is covered by the CUDA tests). With CUDA the same small
 plus the real shape and a 64-bit-offset case.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-# The interpreter is chosen when triton.jit decorates kernels, i.e. when triton and fused_linear_ce are first
-# imported, so the decision is made at import time (torch.cuda.is_available() creates no CUDA context).
-_HAS_CUDA = torch.cuda.is_available()
-# TRITON_INTERPRET=1 is set by tests/conftest.py (without CUDA), before any test module imports triton.
-
-from t2i_kernels import cross_entropy  # noqa: E402
-from t2i_kernels import fused_linear_ce as flce  # noqa: E402
-from t2i_kernels._common import interpreting  # noqa: E402
-from t2i_kernels.chunked_ce import chunked_linear_cross_entropy, linear_cross_entropy_torch  # noqa: E402
-from t2i_kernels.cross_entropy import linear_cross_entropy, modality_sums  # noqa: E402
-
-# Without CUDA the kernels need the interpreter; if another test module imported triton before the variable was
-# set, they cannot run in this process: the kernel tests then run in a fresh interpreter subprocess instead
-# (test_kernels_in_interpreter_subprocess) and are skipped here, never silently dropped.
-_KERNELS_IN_PROCESS = _HAS_CUDA or interpreting()
-in_process = pytest.mark.skipif(not _KERNELS_IN_PROCESS,
-                                reason="triton imported without TRITON_INTERPRET; run by the subprocess test")
-
-DEVICE = "cuda" if _HAS_CUDA else "cpu"
-IGNORE = -100
-# Tiny vocabulary with the paper's layout: text [0, T), image [T, T + I), specials [T + I, V).
-T_TEXT, N_IMAGE, N_SPECIAL = 300, 64, 6
-V_SMALL = T_TEXT + N_IMAGE + N_SPECIAL                    # 370: not a multiple of any block size
-BOUNDARIES = (T_TEXT, T_TEXT + N_IMAGE)
-# Interpreter-friendly dtypes on CPU; bf16 joins when the kernels are compiled for a GPU.
-KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if _HAS_CUDA else [])
-
+from t2i_kernels import cross_entropy
+from t2i_kernels import fused_linear_ce as flce
+from t2i_kernels.chunked_ce import chunked_linear_cross_entropy, linear_cross_entropy_torch
+from t2i_kernels.cross_entropy import linear_cross_entropy, modality_sums
+from tests.kernel_setup import (BOUNDARIES, DEVICE, HAS_CUDA, IGNORE, KERNEL_DTYPES, N_IMAGE, T_TEXT,
+                                V_SMALL, in_process, rerun_in_interpreter)
 
 # --------------------------------------------------------------------------------------------------------------
 # helpers
@@ -188,7 +163,7 @@ def test_fused_rejects_bad_inputs():
         flce.fused_linear_cross_entropy(h, w[:, :8], targets)
     with pytest.raises(TypeError):
         flce.fused_linear_cross_entropy(h, w, targets.float())
-    if not _HAS_CUDA:  # on CUDA the device-side assert would poison the context for the other tests
+    if not HAS_CUDA:  # on CUDA the device-side assert would poison the context for the other tests
         bad = targets.clone()
         bad[3] = V_SMALL
         with pytest.raises(RuntimeError):
@@ -277,7 +252,7 @@ def test_dispatcher_paths_agree():
     for impl, out in outs.items():
         for name, o, r, l in zip(("loss", "dh", "dw"), out, ref32, lowp):
             assert_within_budget(f"{impl}/{name}", o, r, l)
-    expected_auto = "triton" if _HAS_CUDA else "chunked"
+    expected_auto = "triton" if HAS_CUDA else "chunked"
     for a, b in zip(outs["auto"], outs[expected_auto]):
         assert torch.equal(a, b), f"impl='auto' should be {expected_auto} here"
 
@@ -293,16 +268,7 @@ def test_dispatcher_errors(monkeypatch):
     assert torch.equal(auto, chunked_linear_cross_entropy(h, w, targets, IGNORE))
 
 
-if not _KERNELS_IN_PROCESS:
-
-    def test_kernels_in_interpreter_subprocess():
-        """The @in_process tests, re-run in a fresh process where TRITON_INTERPRET=1 precedes the triton import."""
-        env = dict(os.environ)  # conftest set TRITON_INTERPRET=1 on this CPU machine
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not subprocess"]
-        proc = subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              capture_output=True, text=True, timeout=600)
-        print(proc.stdout[-6000:], proc.stderr[-3000:])
-        assert proc.returncode == 0, "kernel tests failed in the interpreter subprocess"
+test_kernels_in_interpreter_subprocess = rerun_in_interpreter(__file__)
 
 
 # --------------------------------------------------------------------------------------------------------------
