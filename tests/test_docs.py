@@ -10,7 +10,8 @@ Checks, by program:
   with `--dry-run` (preset, overrides, ds_config file);
 - `torchrun`: torch's own parser (`torch.distributed.run.get_args_parser`), then the same as above;
 - `python -m t2i_ds.X`: the command's `parse_args`; the same `--dry-run` for train; other modules must import;
-- `make X`: `make -n X` succeeds; `tensorboard`: the package is installed.
+- `make X [VAR=value]`: `make -n` of it succeeds; `tensorboard`: the package is installed;
+- `pip install ...`: pip's own option parser, and every `-r` file and `-e` project exists in the repository.
 A block preceded by `<!-- doc-test: run ARGS -->` is also run for real on CPU, with ARGS appended (`{tmp}` is a
 fresh directory). Any other program fails the test: a new kind of command needs a check here.
 """
@@ -139,9 +140,21 @@ def check(cmd: Command) -> None:
         else:
             assert importlib.util.find_spec(module) is not None, f"module {module} is not installed"
     elif prog == "make":
-        assert len(rest) == 1, "one make target per command"
-        proc = subprocess.run(["make", "-n", rest[0]], cwd=ROOT, capture_output=True, text=True)
-        assert proc.returncode == 0, f"make -n {rest[0]}: {proc.stderr.strip()}"
+        targets = [a for a in rest if "=" not in a]  # the rest are variable assignments (LOCK_FLAGS=--upgrade)
+        assert len(targets) == 1, "one make target per command"
+        proc = subprocess.run(["make", "-n", *rest], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, f"make -n {shlex.join(rest)}: {proc.stderr.strip()}"
+    elif prog in ("pip", "pip3") and rest[:1] == ["install"]:
+        from pip._internal.commands import create_command
+
+        try:
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                options, _ = create_command("install").parse_args(rest[1:])
+        except SystemExit as e:
+            raise AssertionError(f"pip install rejects it: {_last_line(err)}") from e
+        missing = [f for f in options.requirements if not (ROOT / f).is_file()]
+        missing += [e for e in options.editables if not (ROOT / e / "pyproject.toml").is_file()]
+        assert not missing, f"pip install names files the repository does not have: {missing}"
     elif prog == "tensorboard":
         assert importlib.util.find_spec("tensorboard") is not None
     else:
@@ -188,6 +201,9 @@ def test_documented_command(cmd, tmp_path):
     ("python -m t2i_ds.export --run-dir r", "rejects"),
     ("python -m t2i_ds.nosuch --x", "No module"),
     ("make nosuch", "make -n"),
+    ("make lock LOCK_FLAGS=--upgrade test", "one make target"),
+    ("pip install --require-hashes -r requirements/nosuch.lock", "does not have"),
+    ("pip install --no-such-flag -r requirements/gpu.lock", "rejects"),
     ("wget https://example.com/weights.pt", "no check knows"),
 ])
 def test_a_broken_command_fails(text, problem, tmp_path):
