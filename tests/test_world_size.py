@@ -88,6 +88,9 @@ def resume_in_process(args: list[str]) -> dict:
             torch.set_num_threads(threads)
             for s, h in handlers.items():
                 signal.signal(s, h)
+    # what close() must leave behind: no process group, torch's own linear (ZeRO-3's zero.Init swaps it)
+    state["__process__"] = {"process_group": torch.distributed.is_initialized(),
+                            "linear": torch.nn.functional.linear is torch._C._nn.linear}
     return state
 
 
@@ -144,7 +147,8 @@ def make_runs(stage: str, root: Path, shards: Path, text_checkpoint: Path) -> Si
     (two / "checkpoints").mkdir(parents=True)
     os.symlink(one / "checkpoints" / "step_00000006", two / "checkpoints" / "step_00000006")
     proc = train(["--ds_config", plain, *common, *sets([f"train.run_dir={two}"])], ranks=2)
-    return SimpleNamespace(stage=stage, ref=ref, one=one, two=two, loaded=loaded, two_stdout=proc.stdout,
+    process = loaded.pop("__process__")
+    return SimpleNamespace(stage=stage, ref=ref, one=one, two=two, loaded=loaded, process=process, two_stdout=proc.stdout,
                            ds_config=json.loads(Path(ds_config(stage, root, comms=True)).read_text()))
 
 
@@ -172,6 +176,14 @@ def test_resume_at_another_world_size_continues_the_same_run(runs):
             assert got[s] == pytest.approx(ref_loss[s], rel=RTOL), (run.name, s)
     assert "saved by 1 data-parallel ranks, this run has 2; converted" in runs.two_stdout
     assert (runs.one / "checkpoints" / "step_00000004" / "universal" / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
+def test_a_closed_trainer_leaves_the_process_as_it_found_it(runs):
+    """After close(): the process group destroyed (one left to the interpreter's exit can kill a finished run with
+    "terminate called without an active exception") and torch.nn.functional.linear torch's own again (ZeRO-3's
+    swap broke TorchScript saves in later tests: test_fid after test_world_size)."""
+    assert runs.process == {"process_group": False, "linear": True}
 
 
 @pytest.mark.slow

@@ -89,6 +89,18 @@ def build_partitioned(args, vocab: Vocab, ds_config: dict, init: bool) -> Transf
     return model
 
 
+def restore_torch_linear() -> None:
+    """Give torch.nn.functional.linear back to torch. `deepspeed.zero.Init` swaps in its memory-efficient ZeRO-3
+    linear for the whole process and keeps it "unless manually reset" (DeepSpeed's words); the engine's layers
+    need it only while it trains. Left in place, code that runs later in the same process compiles the wrapper:
+    TorchScript then builds modules that cannot be saved ("strides() called on an undefined Tensor")."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as ZeroInit
+
+    original = getattr(ZeroInit, "linear_bk", None)  # DeepSpeed's own backup, set by the first swap
+    if original is not None:
+        torch.nn.functional.linear = original
+
+
 def init_partitioned(model: Transformer) -> None:
     """The unpartitioned build's init, bit for bit, whatever the device and dtype: rank 0 replays on CPU the
     random draws that building the model on CPU makes (torch's default init of each nn.Linear and nn.Embedding,

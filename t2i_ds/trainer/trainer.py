@@ -40,7 +40,8 @@ from t2i_ds.trainer.batching import BatchPlan, resolve_batch, resolve_ds_config
 from t2i_ds.trainer.comms import CommsWindow, logger_enabled
 from t2i_ds.trainer.flops import flops_per_token, modality_positions, peak_flops
 from t2i_ds.trainer.metrics import MetricWindow, TensorBoard, loss_metrics, memory_metrics, modality_metrics
-from t2i_ds.trainer.parallelize import build_initialised_model, resident_parameter_elements, wrap_with_deepspeed
+from t2i_ds.trainer.parallelize import (build_initialised_model, resident_parameter_elements, restore_torch_linear,
+                                       wrap_with_deepspeed)
 from t2i_ds.vocab import IGNORE
 
 
@@ -61,6 +62,17 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def leave_distributed() -> None:
+    """Undo `init_distributed`: destroy the process group through DeepSpeed (which also drops its cached groups),
+    so that a later `init_distributed` in this process starts afresh. A group left to the interpreter's exit is
+    torn down while its communication threads still run, and the process can die after its last line with
+    "terminate called without an active exception" (a finished run turned into a failed one)."""
+    import deepspeed.comm
+
+    if dist.is_available() and dist.is_initialized():
+        deepspeed.comm.destroy_process_group()
 
 
 def total_steps(cfg: Config, plan: BatchPlan) -> int:
@@ -90,11 +102,11 @@ class StopFlag:
 class Trainer:
     def __init__(self, cfg: Config, user_ds_config: dict):
         self.lock: rundir.RunLock | None = None
+        self.tb: TensorBoard | None = None
         try:
             self._setup(cfg, user_ds_config)
         except BaseException:
-            if self.lock is not None:  # a failed start leaves the run directory free
-                self.lock.release()
+            self.close()  # a failed start leaves the run directory free and the process as it found it
             raise
 
     def _setup(self, cfg: Config, user_ds_config: dict) -> None:
@@ -477,6 +489,12 @@ class Trainer:
             self.save()
 
     def close(self) -> None:
-        self.tb.close()
+        """Release what the trainer holds: event files, the run-directory lock, ZeRO-3's process-wide swap of
+        torch.nn.functional.linear, the process group. Safe to call twice."""
+        if self.tb is not None:
+            self.tb.close()
         if self.lock is not None:
             self.lock.release()
+            self.lock = None
+        restore_torch_linear()
+        leave_distributed()
