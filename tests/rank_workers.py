@@ -35,7 +35,10 @@ def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     while (job := inbox.get()) is not None:
-        fn, kwargs = job
+        fn, kwargs, port = job
+        # A scenario whose trainer closed destroyed the process group; the next one joins a new group at a fresh
+        # port (at the old one, a fast rank could meet the slow rank's old store, not yet torn down).
+        os.environ["MASTER_PORT"] = str(port)
         try:
             outbox.put((rank, True, fn(rank, **kwargs)))
         except BaseException:  # noqa: BLE001  (reported to the test)
@@ -47,7 +50,7 @@ class Ranks:
         ctx = mp.get_context("spawn")
         self.world, self.outbox = world, ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(world)]
-        port = free_port()
+        port = free_port()  # until the first scenario sends its own
         self.procs = [ctx.Process(target=_worker, args=(r, world, port, self.inboxes[r], self.outbox), daemon=True)
                       for r in range(world)]
         for p in self.procs:
@@ -56,8 +59,9 @@ class Ranks:
     def run(self, fn, timeout: float = 300, **kwargs) -> list:
         if not all(p.is_alive() for p in self.procs):
             raise RuntimeError("a rank process died in an earlier scenario")
+        port = free_port()
         for q in self.inboxes:
-            q.put((fn, kwargs))
+            q.put((fn, kwargs, port))
         results, failures = {}, []
         for _ in range(self.world):
             try:
