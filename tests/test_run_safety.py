@@ -259,14 +259,36 @@ def test_a_second_training_into_a_live_run_directory_is_refused(capsys, tmp_path
     assert sorted(p.name for p in run.iterdir()) == []  # nothing written by the refused one
 
 
-def test_a_dead_runs_lock_is_taken_over(tmp_path):
+def _lock_naming(run: Path, pid: int, host: str | None = None) -> None:
+    run.mkdir(exist_ok=True)
+    (run / rundir.LOCK).write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid, "time": 0}))
+
+
+def test_a_lock_nobody_holds_is_taken_over_saying_what_was_found(tmp_path):
+    """The lock file names a pid, but nobody holds the flock: taken over, and the line says whether that pid is
+    dead, alive but not a training of this directory (pid reuse, a copied directory), on another host, or ours."""
     run = tmp_path / "run"
-    run.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (run / rundir.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "time": 0}))
-    rundir.check_not_busy(run)  # no live holder
+    alive = subprocess.Popen(["sleep", "30"])  # a live process that is not a trainer
+    try:
+        cases = {int(dead.stdout): "which is no longer alive (a training that was killed)",
+                 alive.pid: "which is alive but does not hold the lock, so it is not a training of this directory",
+                 os.getpid(): "which is this process"}
+        for pid, why in cases.items():
+            _lock_naming(run, pid)
+            rundir.check_not_busy(run)  # no live holder
+            lock = rundir.RunLock(run)
+            print(lock.stale)
+            assert lock.stale.startswith(f"took over the run directory's lock: {run / rundir.LOCK} named pid {pid} on "
+                                         f"{socket.gethostname()} (since ") and why in lock.stale
+            assert "no longer alive" not in lock.stale or pid == int(dead.stdout)
+            lock.release()
+    finally:
+        alive.kill()
+        alive.wait()
+    _lock_naming(run, os.getpid(), host="elsewhere")
     lock = rundir.RunLock(run)
-    assert f"pid {int(dead.stdout)}" in lock.stale
+    assert "named pid" in lock.stale and "on elsewhere" in lock.stale and "holds no lock on it" in lock.stale
     lock.release()
 
 
@@ -330,6 +352,46 @@ def test_a_failed_write_names_the_os_error_and_keeps_the_previous_checkpoint(tmp
                               f"the newest complete checkpoint is {good}")
     assert not (root / "step_00000004").exists() and checkpointing.verify(good) is None
     assert _save(root, 4) == root / "step_00000004"  # space again: the retry in place works
+
+
+def test_a_damaged_checkpoint_is_moved_aside_and_not_counted_by_keep_last(tmp_path):
+    """keep_last=2 after a fallback from a damaged step 6 to step 4: the damaged one goes aside (no lister takes it
+    for a checkpoint again), and the next save keeps the intact step 4 rather than the damaged one."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        _save(root, step, keep_last=3)
+    _truncate(root / "step_00000006" / "rank_00000.pt")
+    chosen, damaged = checkpointing.choose_resume("auto", root)
+    assert chosen == root / "step_00000004" and [(p.name, "the manifest says" in why) for p, why in damaged] == [
+        ("step_00000006", True)]
+    aside = checkpointing.move_aside(*damaged[0])
+    assert aside == root / "damaged-step_00000006" and checkpointing.verify(aside) is not None  # kept as it was
+    assert "rank_00000.pt has" in json.loads((aside / checkpointing.DAMAGED).read_text())["problem"]
+    _save(root, 5, keep_last=2)
+    assert [p.name for p in checkpointing.complete_checkpoints(root)] == ["step_00000004", "step_00000005"]
+    assert checkpointing.find_resume("auto", root, warn=pytest.fail) == root / "step_00000005"
+    _truncate(root / "step_00000005" / "rank_00000.pt")  # damaged again at the same tag: a second name, nothing lost
+    assert checkpointing.move_aside(root / "step_00000005", "x") == root / "damaged-step_00000005"
+    _save(root, 5, keep_last=2)
+    _truncate(root / "step_00000005" / "rank_00000.pt")
+    assert checkpointing.move_aside(root / "step_00000005", "x") == root / "damaged-step_00000005.2"
+
+
+def test_nothing_to_train_says_so_and_leaves_the_run_directory_as_it_was(capsys, base_run, tmp_path):
+    run = copy_run(base_run, tmp_path / "run")
+
+    def snapshot():
+        return {str(p.relative_to(run)): (p.read_bytes() if p.is_file() else None) for p in sorted(run.rglob("*"))}
+
+    before = snapshot()
+    for steps in (6, 4):  # the run's own last step, and a lowered train.steps
+        assert train.main([*DEBUG, *sets(f"train.run_dir={run}", f"train.steps={steps}")]) == 0
+        out, err = capsys.readouterr()
+        assert err == "" and out == (
+            f"[t2i_ds] nothing to train: the checkpoint to resume, {run / 'checkpoints' / 'step_00000006'}, is at step 6 "
+            f"and train.steps={steps}; trained nothing and left {run} as it was (set train.steps above 6 to train "
+            "further, or choose another train.run_dir)\n")
+        assert snapshot() == before
 
 
 # ---- resume: config, damaged checkpoints, fallback ---------------------------------------------------
@@ -399,7 +461,11 @@ def test_fallback_resume_continues_the_run_exactly(ranks, base_run, tmp_path):
     results = ranks.run(train_main, argv=[*DEBUG, *sets(f"train.run_dir={run}", "train.ckpt_every=2", "train.keep_last=5")])
     assert [r["code"] for r in results] == [0, 0], results
     warnings = [line for r in results for line in r["stdout"].splitlines() if "warning" in line]
-    assert len(warnings) == 1 and "step_00000006 is damaged (rank_00001.pt is missing)" in warnings[0], warnings
+    aside = run / "checkpoints" / "damaged-step_00000006"
+    assert warnings == [f"[t2i_ds] warning: step_00000006 is damaged (rank_00001.pt is missing), moved aside to {aside} "
+                        "(kept for inspection; never resumed, listed or counted by keep_last): resuming from the "
+                        "previous complete checkpoint step_00000004"], warnings
+    assert (aside / "rank_00000.pt").is_file() and not (aside / "rank_00001.pt").exists()
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5, 6]
     assert losses(run) == losses(base_run)  # bit-exact: steps 5 and 6 again from step 4
     assert checkpointing.verify(run / "checkpoints" / "step_00000006") is None
