@@ -9,10 +9,10 @@
 DeepSpeed's launcher spells Python's `-m` as `--module`; torchrun spells it `-m`.
 Bad input (missing or invalid ds_config, unknown preset or field, a value of the wrong type or out of range, no
 data path, a batch the world size cannot meet, a data path without token shards, a run directory in use, a
-damaged checkpoint with nothing to fall back to, a full disk, a JIT build lock left by a killed build) ends with
-one line on stderr and exit status 2. With several ranks the line is the failing rank's, printed once by rank 0.
-A resume with nothing left to train (the checkpoint is at or past train.steps) says so in one line, exits 0 and
-leaves the run directory as it was.
+damaged checkpoint with nothing to fall back to, a full disk) ends with one line on stderr and exit status 2.
+With several ranks the line is the failing rank's, printed once by rank 0. A JIT build lock left by a killed
+build is removed with one line (the op is built again). A resume with nothing left to train (the checkpoint is
+at or past train.steps) says so in one line, exits 0 and leaves the run directory as it was.
 """
 
 from __future__ import annotations

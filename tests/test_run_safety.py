@@ -223,22 +223,42 @@ def test_image_tars_as_token_data_name_the_shard(capsys, tmp_path):
 
 
 # ---- the JIT op cache --------------------------------------------------------------------------------
-def test_a_killed_jit_build_lock_is_reported_not_waited_on(capsys, tmp_path, monkeypatch):
-    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+def test_a_killed_jit_build_lock_is_removed_and_the_op_rebuilt(tmp_path, monkeypatch):
+    """A lock no process holds (a build killed part-way) is removed with one line, at once, so torch's FileBaton
+    builds instead of waiting forever; a live build's lock, another local rank, several nodes: nothing removed."""
+    import time
+
+    from torch.utils.file_baton import FileBaton
+
+    lock = tmp_path / "ext" / "py311_cpu" / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
-    lock.write_bytes(b"")  # what a build killed part-way leaves (torch's FileBaton)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    line = fails_in_process(capsys, [*DEBUG, *sets(f"train.run_dir={tmp_path / 'run'}")])
-    assert f"{lock} is a JIT build lock that no process holds" in line and f"rm {lock}" in line
-    fd = os.open(lock, os.O_RDONLY)  # a live build holds its lock open: wait for it, say nothing
-    try:
-        jit_cache.check_build_locks()
-    finally:
-        os.close(fd)
+    monkeypatch.delenv("CROSS_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    killed = subprocess.run([sys.executable, "-c", f"import os; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); "
+                             "os.kill(os.getpid(), 9)"])  # torch's FileBaton.try_acquire, then SIGKILL
+    assert killed.returncode == -9 and lock.is_file()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # not the node's first process: leaves it to local rank 0
+    assert jit_cache.check_build_locks(warn=pytest.fail) == [] and lock.is_file()
     monkeypatch.setenv("CROSS_SIZE", "2")  # several nodes: the holder may be elsewhere, so a warning
     warned = []
-    jit_cache.check_build_locks(warn=warned.append)
-    assert len(warned) == 1 and str(lock) in warned[0]
+    assert jit_cache.check_build_locks(warn=warned.append) == [] and lock.is_file()
+    assert len(warned) == 1 and str(lock) in warned[0] and "another node" in warned[0]
+    monkeypatch.delenv("CROSS_SIZE")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    fd = os.open(lock, os.O_RDONLY)  # a live build holds its lock open: wait for it, say nothing
+    try:
+        assert jit_cache.check_build_locks(warn=pytest.fail) == [] and lock.is_file()
+    finally:
+        os.close(fd)
+    warned, t0 = [], time.monotonic()
+    assert jit_cache.check_build_locks(warn=warned.append) == [lock]
+    assert time.monotonic() - t0 < 5 and not lock.exists()
+    assert warned == [f"[t2i_ds] removed {lock}: a JIT build lock that no process holds (a build killed part-way "
+                      "left it); the op is built again now instead of waited on"]
+    baton = FileBaton(str(lock))
+    assert baton.try_acquire()  # the next build takes the lock and builds
+    baton.release()
 
 
 def test_entry_point_keeps_the_jit_cache_in_this_environment(monkeypatch, capsys):

@@ -7,7 +7,7 @@ step as a device tensor. DeepSpeed divides by `accum` in backward and averages g
 `world` data-parallel ranks, which cancels the two factors exactly.
 
 A run never lies and never loses work:
-  * Before DeepSpeed starts (every rank, nothing written yet): no stale JIT build lock, no live training in
+  * Before DeepSpeed starts (every rank, nothing written yet but a stale JIT build lock's removal): no live training in
     the run directory, the checkpoint to resume verified against its manifest (falling back to the previous
     one), the config compared with the run's (t2i_ds.trainer.rundir), and some work left: a checkpoint at or
     past the last step ends the start with one line and exit status 0, the run directory untouched.
