@@ -27,7 +27,7 @@ from t2i_ds import train
 from t2i_ds.trainer import checkpointing, jit_cache, rundir
 from t2i_ds.trainer.agree import Agreement
 from tests.rank_workers import Ranks, train_main
-from tests.trainer_utils import DS_ZERO2, losses, metrics, write_random_shards
+from tests.trainer_utils import DS_ZERO2, losses, metrics, write_random_shards, zero_checkpoint_state
 from tests.trainer_utils import train as launch
 
 DEBUG = ["--ds_config", DS_ZERO2, "--preset", "debug"]
@@ -489,6 +489,46 @@ def test_fallback_resume_continues_the_run_exactly(ranks, base_run, tmp_path):
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5, 6]
     assert losses(run) == losses(base_run)  # bit-exact: steps 5 and 6 again from step 4
     assert checkpointing.verify(run / "checkpoints" / "step_00000006") is None
+
+
+# ---- a kill during the universal conversion (another world size) -------------------------------------------
+_KILL_CONVERSION = """
+import os, sys, torch
+from pathlib import Path
+from t2i_ds.trainer import checkpointing
+from t2i_ds.trainer.agree import Agreement
+real = torch.save
+saved = []
+def save(obj, f, *args, **kwargs):  # the converter's writes: SIGKILL once two merged parameters are written
+    real(obj, f, *args, **kwargs)
+    if str(f).endswith("fp32.pt"):
+        saved.append(f)
+    if len(saved) == 2:
+        os.kill(os.getpid(), 9)
+torch.save = save
+checkpointing.plan_for(Path(sys.argv[1]), 1, 0, Agreement(0, 1))
+"""
+
+
+def test_a_kill_during_the_universal_conversion_is_redone(base_run, tmp_path):
+    """SIGKILL part-way through converting a 2-rank checkpoint for 1 rank: the half-converted files stay in
+    universal.tmp, which nothing loads; the next start converts again, into the same checkpoint as a clean one."""
+    from tests.trainer_utils import ROOT, env
+
+    ckpt = copy_run(base_run, tmp_path / "run") / "checkpoints" / "step_00000006"
+    killed = subprocess.run([sys.executable, "-c", _KILL_CONVERSION, str(ckpt)], cwd=ROOT, env=env(),
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert len(list((ckpt / "universal.tmp").rglob("fp32.pt"))) == 2 and not (ckpt / checkpointing.UNIVERSAL).exists()
+    plan = checkpointing.plan_for(ckpt, 1, 0, Agreement(0, 1))  # the next start, at 1 rank
+    assert plan.universal and plan.load_dir / plan.tag == ckpt / "universal"  # what the engine loads
+    assert (ckpt / "universal" / checkpointing.MARKER).is_file() and not (ckpt / "universal.tmp").exists()
+    assert checkpointing.verify(ckpt) is None
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):  # every parameter and moment, as the two ranks saved them
+        saved = zero_checkpoint_state(ckpt, key)
+        assert set(saved) <= {p.name for p in (ckpt / "universal" / "zero").iterdir()}  # (+ rotary buffers)
+        for name, tensor in saved.items():
+            assert torch.equal(torch.load(ckpt / "universal" / "zero" / name / f"{key}.pt")["param"], tensor), (key, name)
 
 
 # ---- non-finite steps ------------------------------------------------------------------------------------
