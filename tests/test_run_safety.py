@@ -414,6 +414,42 @@ def test_nothing_to_train_says_so_and_leaves_the_run_directory_as_it_was(capsys,
         assert snapshot() == before
 
 
+@pytest.fixture
+def full_fs(tmp_path):
+    """A 2 MiB tmpfs: room for one FakeEngine checkpoint (1.2 MB), not two (a disk that fills up for real)."""
+    d = tmp_path / "fs"
+    d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs the right to mount a small tmpfs")
+    yield d
+    subprocess.run(["umount", "--lazy", str(d)], check=True)  # lazy: torch's failed writer may still hold its file
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["model file", "rank file", "COMPLETE marker"])
+def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_resumable(request, tmp_path, monkeypatch, where):
+    """ENOSPC at each write of a save: one line naming the file and the error, the partial directory gone (nothing
+    that looks complete), the previous checkpoint the one a resume takes. The model file fills a real small tmpfs."""
+    root = (request.getfixturevalue("full_fs") if where == "model file" else tmp_path) / "checkpoints"
+    good = _save(root, 2)
+    if where == "rank file":
+        monkeypatch.setattr(checkpointing, "atomic_save", _enospc)
+    elif where == "COMPLETE marker":
+        monkeypatch.setattr(checkpointing, "atomic_write_text", _enospc)
+    with pytest.raises(checkpointing.CheckpointError) as failed:
+        _save(root, 4)
+    path = root / "step_00000004" / {"model file": "mp_rank_00_model_states.pt", "rank file": "rank_00000.pt",
+                                     "COMPLETE marker": checkpointing.MARKER}[where]
+    assert str(failed.value) == (f"checkpoint step_00000004 not saved: {path}: [Errno {errno.ENOSPC}] No space left on "
+                                 f"device; removed the partial directory; the newest complete checkpoint is {good}")
+    assert not (root / "step_00000004").exists() and sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+    assert checkpointing.find_resume("auto", root, warn=pytest.fail) == good and checkpointing.verify(good) is None
+
+
 # ---- resume: config, damaged checkpoints, fallback ---------------------------------------------------
 def test_resume_with_another_model_writes_nothing(capsys, base_run, tmp_path):
     run = copy_run(base_run, tmp_path / "run")
