@@ -4,7 +4,10 @@
     deepspeed --num_gpus 8 --module t2i_ds.generate --checkpoint RUN_DIR --captions_file coco30k.jsonl \\
         --out_dir samples/ --cfg_scale 3 --top_k 1000 --seed 0
 
---out_dir writes `{caption index:06d}.png` for every caption (line i of --captions_file is caption index i),
+--out_dir writes `{caption index:06d}.png` for every caption (line i of --captions_file, from 0, is caption index i,
+after the --captions: a blank .txt line is an empty caption; a .jsonl file with a malformed line is refused up front,
+naming the file and every bad line; a caption longer than the format holds is truncated as in training, with a
+warning naming its line),
 sharded over the launcher's ranks (RANK / WORLD_SIZE, as deepspeed and torchrun set them; one process: all of
 them), skipping images already written: kill it and rerun, at any number of ranks, and the folder ends up with
 the same files byte for byte (t2i_ds.eval.generation). Sampling (KV cache, batched classifier-free guidance,
@@ -15,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from t2i_ds.cli import non_negative_float, non_negative_int, positive_float, positive_int, top_k
 from t2i_ds.data.images import to_uint8
@@ -27,7 +31,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="t2i_ds.generate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="run directory of a trained model")
     p.add_argument("--captions", nargs="*", default=[], help="captions to draw")
-    p.add_argument("--captions_file", help="one caption per line (.txt) or a 'caption' per JSON line (.jsonl)")
+    p.add_argument("--captions_file", help="line i is caption index i: one caption per line (.txt; a blank line is an "
+                   "empty caption) or a JSON object with a 'caption' per line (.jsonl; a file with a bad line is refused, "
+                   "every bad line named); a caption longer than the format holds (122 tokens of 1,152) is truncated as in "
+                   "training, with a warning naming its line")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="PNG grid to write")
     out.add_argument("--out_dir", help="folder of {caption index:06d}.png, sharded over ranks, resumable")
@@ -44,19 +51,49 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_captions(args) -> list[str]:
-    from t2i_ds.eval.generation import read_captions as read_file
+def read_captions(args, warn: Callable[[str], None] = print) -> tuple[list[str], Callable[[int], str]]:
+    """The captions (--captions first, then every line of --captions_file: line i is caption index
+    len(--captions) + i), and a function naming where caption index i came from. Blank .txt lines are empty
+    captions, said in one warning line; a .jsonl file with a bad line is refused naming every bad line."""
+    from t2i_ds.eval.generation import read_caption_file
 
-    captions = list(args.captions)
-    if args.captions_file:
-        path = Path(args.captions_file)
-        if path.suffix == ".jsonl":
-            captions += read_file(path, None)
-        else:
-            captions += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    given = list(args.captions)
+    from_file = read_caption_file(args.captions_file) if args.captions_file else []
+
+    def where(i: int) -> str:
+        if i < len(given):
+            return f"--captions item {i}"
+        return f"{args.captions_file} line {i - len(given) + 1} (caption index {i})"
+
+    captions = given + from_file
     if not captions:
         raise ValueError("no captions: pass --captions or --captions_file")
-    return captions
+    if args.captions_file and Path(args.captions_file).suffix != ".jsonl":
+        blank = [i for i in range(len(given), len(captions)) if not captions[i]]
+        if blank:
+            warn(f"{_listed(blank, where)}: blank, drawn as empty captions (unconditional images)")
+    return captions, where
+
+
+def _listed(indices: Sequence[int], where: Callable[[int], str], most: int = 5) -> str:
+    more = f" and {len(indices) - most} more" if len(indices) > most else ""
+    return ", ".join(where(i) for i in indices[:most]) + more
+
+
+def warn_long_captions(ids: Sequence[Sequence[int]], max_tokens: int, where: Callable[[int], str],
+                       warn: Callable[[str], None] = print) -> list[int]:
+    """One warning line for the captions longer than the format's caption room (they are truncated as in training:
+    their first `max_tokens` tokens are the prompt); returns their indices."""
+    long = [i for i, x in enumerate(ids) if len(x) > max_tokens]
+    if long:
+        warn(f"{_listed(long, lambda i: f'{where(i)} ({len(ids[i])} tokens)')}: longer than the {max_tokens} caption "
+             f"tokens the sequence format holds, drawn from the first {max_tokens} (as training truncates them)")
+    return long
+
+
+def _warn(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # every rank reads the same captions: one says it
+        print(f"t2i_ds.generate: warning: {message}", file=sys.stderr, flush=True)
 
 
 def check_indices(indices: Sequence[int], n: int) -> None:
@@ -72,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from t2i_ds.inference import load_run  # lazy: DeepSpeed is heavy
 
     args = parse_args(argv)
-    captions = read_captions(args)
+    captions, where = read_captions(args, warn=_warn)
     device = "cpu"
     if torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
@@ -80,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = load_run(args.checkpoint, device=device)  # .model, .vocab, .text_tokenizer, .image_tokenizer
     if run.image_tokenizer is None:
         raise ValueError(f"{args.checkpoint}: the run's config names no train.image_tokenizer to decode with")
+    warn_long_captions(run.text_tokenizer.encode_batch(captions), run.vocab.max_caption_tokens, where, warn=_warn)
     if args.out_dir:
         from t2i_ds.eval.generation import generate_folder, launcher_rank
 

@@ -79,7 +79,7 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str = "
     from t2i_ds.trainer import jit_cache
 
     jit_cache.use_own_cache()  # the sampling op builds into this environment's cache ...
-    jit_cache.check_build_locks()  # ... and a lock left there by a killed build is named, not waited on
+    jit_cache.check_build_locks(warn=lambda m: print(m, file=sys.stderr))  # ... a killed build's lock: removed, rebuilt
     model, vocab, cfg = load_model_for_inference(run_dir, checkpoint, device)
     spec = cfg.train.image_tokenizer
     image_tok = load_image_tokenizer(spec) if spec else None

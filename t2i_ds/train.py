@@ -9,8 +9,10 @@
 DeepSpeed's launcher spells Python's `-m` as `--module`; torchrun spells it `-m`.
 Bad input (missing or invalid ds_config, unknown preset or field, a value of the wrong type or out of range, no
 data path, a batch the world size cannot meet, a data path without token shards, a run directory in use, a
-damaged checkpoint with nothing to fall back to, a full disk, a JIT build lock left by a killed build) ends with
-one line on stderr and exit status 2. With several ranks the line is the failing rank's, printed once by rank 0.
+damaged checkpoint with nothing to fall back to, a full disk) ends with one line on stderr and exit status 2.
+With several ranks the line is the failing rank's, printed once by rank 0. A JIT build lock left by a killed
+build is removed with one line (the op is built again). A resume with nothing left to train (the checkpoint is
+at or past train.steps) says so in one line, exits 0 and leaves the run directory as it was.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 from t2i_ds.cli import is_user_error, message_of
 from t2i_ds.config import apply_overrides, preset
 from t2i_ds.trainer.jit_cache import use_own_cache
+from t2i_ds.trainer.rundir import NothingToDo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = Trainer(cfg, ds_config)
         trainer.fit()
+    except NothingToDo as e:  # raised before the process group exists: each node's local rank 0 says it
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"[t2i_ds] {e}", flush=True)
+        return 0
     except Exception as e:
         if not is_user_error(e) or os.environ.get("T2I_DS_TRACEBACK") == "1":
             raise

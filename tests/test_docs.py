@@ -212,3 +212,27 @@ def test_a_broken_command_fails(text, problem, tmp_path):
     (cmd,) = extract(tmp_path / "doc.md", tmp_path)
     with pytest.raises((AssertionError, ModuleNotFoundError), match=problem):
         check(cmd)
+
+
+FAULTS = ROOT / "docs" / "reliability.md"
+
+
+def test_the_faults_table_names_existing_tests():
+    """docs/reliability.md: every row of its tables names at least one test, and every test it names exists."""
+    import ast
+
+    rows = [line for line in FAULTS.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| Fault |")]
+    assert len(rows) >= 30
+    defined: dict[str, set[str]] = {}
+    missing = []
+    for row in rows:
+        named = re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", row)
+        assert named, f"this row of {FAULTS.name} names no test: {row}"
+        for file, name in named:
+            if file not in defined:
+                tree = ast.parse((ROOT / file).read_text()) if (ROOT / file).is_file() else ast.Module(body=[])
+                defined[file] = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            if name not in defined[file]:
+                missing.append(f"{file}::{name}")
+    assert not missing, f"{FAULTS.name} names tests that do not exist: {missing}"

@@ -405,8 +405,8 @@ def test_cli_missing_extractor_is_one_line_exit_2(tmp_path):
 def test_read_captions(tmp_path):
     txt = tmp_path / "c.txt"
     txt.write_text("one\n\n two \nthree\n")
-    assert eval_fid.read_captions(txt, None) == ["one", "two", "three"]
-    assert eval_fid.read_captions(txt, 2) == ["one", "two"]
+    assert eval_fid.read_captions(txt, None) == ["one", "", "two", "three"]  # line i is caption i, as in generate
+    assert eval_fid.read_captions(txt, 2) == ["one", ""]
     with pytest.raises(ValueError, match="fewer than --n 5"):
         eval_fid.read_captions(txt, 5)
     bad = tmp_path / "c.jsonl"

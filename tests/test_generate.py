@@ -1,5 +1,7 @@
 """The sampler: image-id masking, seeding, KV-cache decoding, batched classifier-free guidance, grids, CLI."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -300,21 +302,77 @@ def test_save_grid(tmp_path):
     assert Image.open(tmp_path / "captioned.png").size[1] > 2 * (8 * 4 + 2)
 
 
-def test_cli(model, tmp_path, monkeypatch):
+class WordIds:
+    """A text tokenizer for the CLI tests: one id per word (by its length)."""
+
+    def encode_batch(self, texts):
+        return [[5 + len(w) % 200 for w in t.split()] for t in texts]
+
+
+@pytest.fixture
+def fake_run(model, monkeypatch):
     from types import SimpleNamespace
 
     from t2i_ds.demo.tokenizer import PatchKMeansTokenizer
     from t2i_ds import inference
 
-    class WordIds:
-        def encode_batch(self, texts):
-            return [[5 + len(w) for w in t.split()] for t in texts]
-
+    torch.manual_seed(0)
     image_tok = PatchKMeansTokenizer(torch.rand(VOCAB.image_size, 3 * 4 * 4) * 2 - 1, patch=4, image_size=16)
     run = SimpleNamespace(model=model, vocab=VOCAB, text_tokenizer=WordIds(), image_tokenizer=image_tok)
     monkeypatch.setattr(inference, "load_run", lambda run_dir, **kw: run)  # kw: device
-    (tmp_path / "captions.txt").write_text("a blue square\n\nthere is a red cross\n")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    return run
+
+
+def test_cli(fake_run, tmp_path, capsys):
+    """A blank line is an empty caption at its own index, an over-long one is truncated as training does: one
+    warning line each, naming the lines."""
+    long = " ".join(["word"] * (VOCAB.max_caption_tokens + 5))
+    (tmp_path / "captions.txt").write_text(f"a blue square\n\nthere is a red cross\n{long}\n\n")
     out = tmp_path / "grid.png"
     gen_mod.main(["--checkpoint", "run", "--captions", "top-left: red circle", "--captions_file",
                   str(tmp_path / "captions.txt"), "--out", str(out), "--cfg_scale", "2", "--top_k", "8"])
-    assert Image.open(out).size[0] == 3 * (16 * 4 + 2)
+    assert Image.open(out).size[0] == 5 * (16 * 4 + 2)  # 1 + 4 captions (the trailing blank line is none)
+    warnings = capsys.readouterr().err.splitlines()
+    txt = tmp_path / "captions.txt"
+    assert warnings == [
+        f"t2i_ds.generate: warning: {txt} line 2 (caption index 2): blank, drawn as empty captions (unconditional images)",
+        f"t2i_ds.generate: warning: {txt} line 4 (caption index 4) ({VOCAB.max_caption_tokens + 5} tokens): longer than "
+        f"the {VOCAB.max_caption_tokens} caption tokens the sequence format holds, drawn from the first "
+        f"{VOCAB.max_caption_tokens} (as training truncates them)"]
+
+
+def test_caption_line_i_is_image_index_i(fake_run, tmp_path, capsys):
+    """--out_dir from a .txt with a blank line and a U+2028 inside a caption: 000002.png is line 3's caption, the
+    same bytes as when the captions are given one by one."""
+    captions = ["a blue square", "", "there is a red cross", "two\u2028lines one caption", "last"]
+    (tmp_path / "c.txt").write_text("a blue square\r\n\r\nthere is a red cross\ntwo\u2028lines one caption\n last \n\n")
+    common = ["--checkpoint", "run", "--cfg_scale", "2", "--top_k", "8", "--seed", "3"]
+    gen_mod.main([*common, "--captions_file", str(tmp_path / "c.txt"), "--out_dir", str(tmp_path / "from_file")])
+    gen_mod.main([*common, "--captions", *captions, "--out_dir", str(tmp_path / "given")])
+    made = sorted(p.name for p in (tmp_path / "from_file").glob("*.png"))
+    assert made == [f"{i:06d}.png" for i in range(5)]
+    assert all((tmp_path / "from_file" / n).read_bytes() == (tmp_path / "given" / n).read_bytes() for n in made)
+
+
+def test_a_jsonl_with_bad_lines_is_refused_naming_each_line(fake_run, tmp_path, capsys):
+    from t2i_ds.cli import run
+    from t2i_ds.eval.generation import read_caption_file
+
+    rows = [json.dumps({"caption": c}) for c in ("", "x" * 5000, "\U0001F308\U0001F308")]  # all fine
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(rows) + "\n\n")
+    assert read_caption_file(good) == ["", "x" * 5000, "\U0001F308\U0001F308"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([rows[0], rows[1], '{"caption": "a red circle", oops}', '{"url": "x"}', "", rows[2]]))
+    with pytest.raises(SystemExit) as exit_:
+        run("t2i_ds.generate", lambda: gen_mod.main(["--checkpoint", "run", "--captions_file", str(bad),
+                                                     "--out_dir", str(tmp_path / "out")]))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        f"t2i_ds.generate: error: {bad}: line 3 is not JSON (Expecting property name enclosed in double quotes at "
+        "column 29); line 4 has no string 'caption' (or 'text') field; line 5 is blank (write {\"caption\": \"\"} for "
+        "an empty caption): fix these lines (line i is caption index i - 1, so removing one moves every later caption); "
+        "nothing was drawn\n")
+    assert not (tmp_path / "out").exists()

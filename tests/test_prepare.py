@@ -291,3 +291,32 @@ def test_decode_shards_back_to_images(tmp_path, prepared, movq_dir):
     img = Image.open(paths[0])
     assert img.size == (SIZE, SIZE) and img.mode == "RGB"
     assert (tmp_path / f"{paths[0].stem}.txt").read_text().startswith(CAPTIONS["china"])
+
+
+def test_input_without_a_usable_image_writes_no_shard_and_says_why(tmp_path, photos, movq_dir, capsys, caplog):
+    """Every record broken: exit 2 with one line (counts by reason), no .tar and no manifest left, the records
+    listed; a broken unit beside a good one: no empty shard for it, a warning line, exit 0."""
+    from t2i_ds.cli import run
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_input_tar(bad / "00000.tar", [("k1", photos["broken"], "jpg", "x"), ("k2", b"not an image", "jpg", "y")])
+    write_input_tar(bad / "00001.tar", [("k3", b"\x89PNG garbage", "png", "z")])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        run("t2i_ds.prepare", lambda: main(prepare_args(bad, out, movq_dir)))
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (diffusers warns too)
+    assert errors == [
+        f"t2i_ds.prepare: error: no shard written to {out}: not one of the 3 records of --input {bad} (2 input units) "
+        f"gave a usable image (undecodable 3); the records and reasons are in {out / 'skipped.jsonl'}"]
+    assert sorted(p.name for p in out.iterdir()) == ["skipped.jsonl", "tokens-000000.skipped.jsonl",
+                                                    "tokens-000001.skipped.jsonl"]
+    assert [(r["shard"], r["key"], r["reason"]) for r in read_jsonl(out / "skipped.jsonl")] == [
+        (None, "k1", "undecodable"), (None, "k2", "undecodable"), (None, "k3", "undecodable")]
+
+    write_input_tar(bad / "00001.tar", [("k3", photos["china"], "jpg", "z")])  # one unit fixed: a rerun redoes it
+    m = main(prepare_args(bad, out, movq_dir))
+    assert [s["name"] for s in m["shards"]] == ["tokens-000001.tar"] and not (out / "tokens-000000.tar").exists()
+    assert "input 00000.tar: no usable image (undecodable 2): no shard written" in caplog.text
+    assert [(r["shard"], r["key"]) for r in read_jsonl(out / "skipped.jsonl")] == [(None, "k1"), (None, "k2")]

@@ -27,7 +27,7 @@ from t2i_ds import train
 from t2i_ds.trainer import checkpointing, jit_cache, rundir
 from t2i_ds.trainer.agree import Agreement
 from tests.rank_workers import Ranks, train_main
-from tests.trainer_utils import DS_ZERO2, losses, metrics, write_random_shards
+from tests.trainer_utils import DS_ZERO2, losses, metrics, write_random_shards, zero_checkpoint_state
 from tests.trainer_utils import train as launch
 
 DEBUG = ["--ds_config", DS_ZERO2, "--preset", "debug"]
@@ -223,22 +223,42 @@ def test_image_tars_as_token_data_name_the_shard(capsys, tmp_path):
 
 
 # ---- the JIT op cache --------------------------------------------------------------------------------
-def test_a_killed_jit_build_lock_is_reported_not_waited_on(capsys, tmp_path, monkeypatch):
-    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+def test_a_killed_jit_build_lock_is_removed_and_the_op_rebuilt(tmp_path, monkeypatch):
+    """A lock no process holds (a build killed part-way) is removed with one line, at once, so torch's FileBaton
+    builds instead of waiting forever; a live build's lock, another local rank, several nodes: nothing removed."""
+    import time
+
+    from torch.utils.file_baton import FileBaton
+
+    lock = tmp_path / "ext" / "py311_cpu" / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
-    lock.write_bytes(b"")  # what a build killed part-way leaves (torch's FileBaton)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    line = fails_in_process(capsys, [*DEBUG, *sets(f"train.run_dir={tmp_path / 'run'}")])
-    assert f"{lock} is a JIT build lock that no process holds" in line and f"rm {lock}" in line
-    fd = os.open(lock, os.O_RDONLY)  # a live build holds its lock open: wait for it, say nothing
-    try:
-        jit_cache.check_build_locks()
-    finally:
-        os.close(fd)
+    monkeypatch.delenv("CROSS_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    killed = subprocess.run([sys.executable, "-c", f"import os; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); "
+                             "os.kill(os.getpid(), 9)"])  # torch's FileBaton.try_acquire, then SIGKILL
+    assert killed.returncode == -9 and lock.is_file()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # not the node's first process: leaves it to local rank 0
+    assert jit_cache.check_build_locks(warn=pytest.fail) == [] and lock.is_file()
     monkeypatch.setenv("CROSS_SIZE", "2")  # several nodes: the holder may be elsewhere, so a warning
     warned = []
-    jit_cache.check_build_locks(warn=warned.append)
-    assert len(warned) == 1 and str(lock) in warned[0]
+    assert jit_cache.check_build_locks(warn=warned.append) == [] and lock.is_file()
+    assert len(warned) == 1 and str(lock) in warned[0] and "another node" in warned[0]
+    monkeypatch.delenv("CROSS_SIZE")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    fd = os.open(lock, os.O_RDONLY)  # a live build holds its lock open: wait for it, say nothing
+    try:
+        assert jit_cache.check_build_locks(warn=pytest.fail) == [] and lock.is_file()
+    finally:
+        os.close(fd)
+    warned, t0 = [], time.monotonic()
+    assert jit_cache.check_build_locks(warn=warned.append) == [lock]
+    assert time.monotonic() - t0 < 5 and not lock.exists()
+    assert warned == [f"[t2i_ds] removed {lock}: a JIT build lock that no process holds (a build killed part-way "
+                      "left it); the op is built again now instead of waited on"]
+    baton = FileBaton(str(lock))
+    assert baton.try_acquire()  # the next build takes the lock and builds
+    baton.release()
 
 
 def test_entry_point_keeps_the_jit_cache_in_this_environment(monkeypatch, capsys):
@@ -259,14 +279,36 @@ def test_a_second_training_into_a_live_run_directory_is_refused(capsys, tmp_path
     assert sorted(p.name for p in run.iterdir()) == []  # nothing written by the refused one
 
 
-def test_a_dead_runs_lock_is_taken_over(tmp_path):
+def _lock_naming(run: Path, pid: int, host: str | None = None) -> None:
+    run.mkdir(exist_ok=True)
+    (run / rundir.LOCK).write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid, "time": 0}))
+
+
+def test_a_lock_nobody_holds_is_taken_over_saying_what_was_found(tmp_path):
+    """The lock file names a pid, but nobody holds the flock: taken over, and the line says whether that pid is
+    dead, alive but not a training of this directory (pid reuse, a copied directory), on another host, or ours."""
     run = tmp_path / "run"
-    run.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (run / rundir.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "time": 0}))
-    rundir.check_not_busy(run)  # no live holder
+    alive = subprocess.Popen(["sleep", "30"])  # a live process that is not a trainer
+    try:
+        cases = {int(dead.stdout): "which is no longer alive (a training that was killed)",
+                 alive.pid: "which is alive but does not hold the lock, so it is not a training of this directory",
+                 os.getpid(): "which is this process"}
+        for pid, why in cases.items():
+            _lock_naming(run, pid)
+            rundir.check_not_busy(run)  # no live holder
+            lock = rundir.RunLock(run)
+            print(lock.stale)
+            assert lock.stale.startswith(f"took over the run directory's lock: {run / rundir.LOCK} named pid {pid} on "
+                                         f"{socket.gethostname()} (since ") and why in lock.stale
+            assert "no longer alive" not in lock.stale or pid == int(dead.stdout)
+            lock.release()
+    finally:
+        alive.kill()
+        alive.wait()
+    _lock_naming(run, os.getpid(), host="elsewhere")
     lock = rundir.RunLock(run)
-    assert f"pid {int(dead.stdout)}" in lock.stale
+    assert "named pid" in lock.stale and "on elsewhere" in lock.stale and "holds no lock on it" in lock.stale
     lock.release()
 
 
@@ -330,6 +372,82 @@ def test_a_failed_write_names_the_os_error_and_keeps_the_previous_checkpoint(tmp
                               f"the newest complete checkpoint is {good}")
     assert not (root / "step_00000004").exists() and checkpointing.verify(good) is None
     assert _save(root, 4) == root / "step_00000004"  # space again: the retry in place works
+
+
+def test_a_damaged_checkpoint_is_moved_aside_and_not_counted_by_keep_last(tmp_path):
+    """keep_last=2 after a fallback from a damaged step 6 to step 4: the damaged one goes aside (no lister takes it
+    for a checkpoint again), and the next save keeps the intact step 4 rather than the damaged one."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        _save(root, step, keep_last=3)
+    _truncate(root / "step_00000006" / "rank_00000.pt")
+    chosen, damaged = checkpointing.choose_resume("auto", root)
+    assert chosen == root / "step_00000004" and [(p.name, "the manifest says" in why) for p, why in damaged] == [
+        ("step_00000006", True)]
+    aside = checkpointing.move_aside(*damaged[0])
+    assert aside == root / "damaged-step_00000006" and checkpointing.verify(aside) is not None  # kept as it was
+    assert "rank_00000.pt has" in json.loads((aside / checkpointing.DAMAGED).read_text())["problem"]
+    _save(root, 5, keep_last=2)
+    assert [p.name for p in checkpointing.complete_checkpoints(root)] == ["step_00000004", "step_00000005"]
+    assert checkpointing.find_resume("auto", root, warn=pytest.fail) == root / "step_00000005"
+    _truncate(root / "step_00000005" / "rank_00000.pt")  # damaged again at the same tag: a second name, nothing lost
+    assert checkpointing.move_aside(root / "step_00000005", "x") == root / "damaged-step_00000005"
+    _save(root, 5, keep_last=2)
+    _truncate(root / "step_00000005" / "rank_00000.pt")
+    assert checkpointing.move_aside(root / "step_00000005", "x") == root / "damaged-step_00000005.2"
+
+
+def test_nothing_to_train_says_so_and_leaves_the_run_directory_as_it_was(capsys, base_run, tmp_path):
+    run = copy_run(base_run, tmp_path / "run")
+
+    def snapshot():
+        return {str(p.relative_to(run)): (p.read_bytes() if p.is_file() else None) for p in sorted(run.rglob("*"))}
+
+    before = snapshot()
+    for steps in (6, 4):  # the run's own last step, and a lowered train.steps
+        assert train.main([*DEBUG, *sets(f"train.run_dir={run}", f"train.steps={steps}")]) == 0
+        out, err = capsys.readouterr()
+        assert err == "" and out == (
+            f"[t2i_ds] nothing to train: the checkpoint to resume, {run / 'checkpoints' / 'step_00000006'}, is at step 6 "
+            f"and train.steps={steps}; trained nothing and left {run} as it was (set train.steps above 6 to train "
+            "further, or choose another train.run_dir)\n")
+        assert snapshot() == before
+
+
+@pytest.fixture
+def full_fs(tmp_path):
+    """A 2 MiB tmpfs: room for one FakeEngine checkpoint (1.2 MB), not two (a disk that fills up for real)."""
+    d = tmp_path / "fs"
+    d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs the right to mount a small tmpfs")
+    yield d
+    subprocess.run(["umount", "--lazy", str(d)], check=True)  # lazy: torch's failed writer may still hold its file
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["model file", "rank file", "COMPLETE marker"])
+def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_resumable(request, tmp_path, monkeypatch, where):
+    """ENOSPC at each write of a save: one line naming the file and the error, the partial directory gone (nothing
+    that looks complete), the previous checkpoint the one a resume takes. The model file fills a real small tmpfs."""
+    root = (request.getfixturevalue("full_fs") if where == "model file" else tmp_path) / "checkpoints"
+    good = _save(root, 2)
+    if where == "rank file":
+        monkeypatch.setattr(checkpointing, "atomic_save", _enospc)
+    elif where == "COMPLETE marker":
+        monkeypatch.setattr(checkpointing, "atomic_write_text", _enospc)
+    with pytest.raises(checkpointing.CheckpointError) as failed:
+        _save(root, 4)
+    path = root / "step_00000004" / {"model file": "mp_rank_00_model_states.pt", "rank file": "rank_00000.pt",
+                                     "COMPLETE marker": checkpointing.MARKER}[where]
+    assert str(failed.value) == (f"checkpoint step_00000004 not saved: {path}: [Errno {errno.ENOSPC}] No space left on "
+                                 f"device; removed the partial directory; the newest complete checkpoint is {good}")
+    assert not (root / "step_00000004").exists() and sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+    assert checkpointing.find_resume("auto", root, warn=pytest.fail) == good and checkpointing.verify(good) is None
 
 
 # ---- resume: config, damaged checkpoints, fallback ---------------------------------------------------
@@ -399,10 +517,54 @@ def test_fallback_resume_continues_the_run_exactly(ranks, base_run, tmp_path):
     results = ranks.run(train_main, argv=[*DEBUG, *sets(f"train.run_dir={run}", "train.ckpt_every=2", "train.keep_last=5")])
     assert [r["code"] for r in results] == [0, 0], results
     warnings = [line for r in results for line in r["stdout"].splitlines() if "warning" in line]
-    assert len(warnings) == 1 and "step_00000006 is damaged (rank_00001.pt is missing)" in warnings[0], warnings
+    aside = run / "checkpoints" / "damaged-step_00000006"
+    assert warnings == [f"[t2i_ds] warning: step_00000006 is damaged (rank_00001.pt is missing), moved aside to {aside} "
+                        "(kept for inspection; never resumed, listed or counted by keep_last): resuming from the "
+                        "previous complete checkpoint step_00000004"], warnings
+    assert (aside / "rank_00000.pt").is_file() and not (aside / "rank_00001.pt").exists()
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5, 6]
     assert losses(run) == losses(base_run)  # bit-exact: steps 5 and 6 again from step 4
     assert checkpointing.verify(run / "checkpoints" / "step_00000006") is None
+
+
+# ---- a kill during the universal conversion (another world size) -------------------------------------------
+_KILL_CONVERSION = """
+import os, sys, torch
+from pathlib import Path
+from t2i_ds.trainer import checkpointing
+from t2i_ds.trainer.agree import Agreement
+real = torch.save
+saved = []
+def save(obj, f, *args, **kwargs):  # the converter's writes: SIGKILL once two merged parameters are written
+    real(obj, f, *args, **kwargs)
+    if str(f).endswith("fp32.pt"):
+        saved.append(f)
+    if len(saved) == 2:
+        os.kill(os.getpid(), 9)
+torch.save = save
+checkpointing.plan_for(Path(sys.argv[1]), 1, 0, Agreement(0, 1))
+"""
+
+
+def test_a_kill_during_the_universal_conversion_is_redone(base_run, tmp_path):
+    """SIGKILL part-way through converting a 2-rank checkpoint for 1 rank: the half-converted files stay in
+    universal.tmp, which nothing loads; the next start converts again, into the same checkpoint as a clean one."""
+    from tests.trainer_utils import ROOT, env
+
+    ckpt = copy_run(base_run, tmp_path / "run") / "checkpoints" / "step_00000006"
+    killed = subprocess.run([sys.executable, "-c", _KILL_CONVERSION, str(ckpt)], cwd=ROOT, env=env(),
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert len(list((ckpt / "universal.tmp").rglob("fp32.pt"))) == 2 and not (ckpt / checkpointing.UNIVERSAL).exists()
+    plan = checkpointing.plan_for(ckpt, 1, 0, Agreement(0, 1))  # the next start, at 1 rank
+    assert plan.universal and plan.load_dir / plan.tag == ckpt / "universal"  # what the engine loads
+    assert (ckpt / "universal" / checkpointing.MARKER).is_file() and not (ckpt / "universal.tmp").exists()
+    assert checkpointing.verify(ckpt) is None
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):  # every parameter and moment, as the two ranks saved them
+        saved = zero_checkpoint_state(ckpt, key)
+        assert set(saved) <= {p.name for p in (ckpt / "universal" / "zero").iterdir()}  # (+ rotary buffers)
+        for name, tensor in saved.items():
+            assert torch.equal(torch.load(ckpt / "universal" / "zero" / name / f"{key}.pt")["param"], tensor), (key, name)
 
 
 # ---- non-finite steps ------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ Output shard i is a pure function of input unit i, so a killed run resumes exact
 output shards that exist (they appear atomically); on start, the temporaries a killed writer left in the
 output directory are removed (`t2i_ds.atomic.clean_stale_temporaries`). Ranks take units i with
 i % world_size == rank. Each skipped source record is listed with its reason beside its shard and, merged,
-in `skipped.jsonl` (t2i_ds.data.shards).
+in `skipped.jsonl` (t2i_ds.data.shards). A unit without one usable image writes no shard (an empty tar would be
+refused by the trainer; a rerun tries the unit again), only its skip list, with a warning line; a rank none of
+whose units gave a shard stops with one line (counts by reason) and a non-zero exit, no manifest written.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from t2i_ds.atomic import clean_stale_temporaries
+from t2i_ds.atomic import atomic_write_bytes, clean_stale_temporaries
 from t2i_ds.data.images import SkipImage, describe_image_tokenizer, load_and_prepare, load_image_tokenizer
 from t2i_ds.data.shards import (
     MANIFEST,
@@ -41,6 +44,8 @@ from t2i_ds.data.shards import (
     list_shards,
     read_manifest,
     shard_name,
+    skipped_path,
+    stats_path,
     write_manifest,
     write_shard,
     write_skipped_list,
@@ -250,6 +255,34 @@ class Preparer:
         ]
 
 
+# ---- input without one usable image ------------------------------------------------------------------
+class NothingPrepared(ValueError):
+    """None of a rank's input units gave one usable image: no shard written (the one line names the counts)."""
+
+
+def _by_reason(skipped: list[SkippedRecord] | Counter) -> str:
+    counts = skipped if isinstance(skipped, Counter) else Counter(r.reason for r in skipped)
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())) or "no records"
+
+
+def write_unit_without_samples(path: Path, skipped: list[SkippedRecord]) -> None:
+    """A unit whose every record was skipped: its skip list beside where the shard would be (merged into
+    skipped.jsonl), and no shard (nor a stale stats sidecar that would describe one)."""
+    stats_path(path).unlink(missing_ok=True)
+    atomic_write_bytes(skipped_path(path), b"".join(json.dumps(r.to_json(), sort_keys=True).encode() + b"\n"
+                                                    for r in skipped))
+
+
+def _nothing_written(out: Path, spec: str, rank: int, world: int, units: int, skipped_file: Path) -> str:
+    counts: Counter = Counter()
+    for line in skipped_file.read_text().splitlines():
+        counts[json.loads(line)["reason"]] += 1
+    who = f"rank {rank}/{world}: " if world > 1 else ""
+    return (f"{who}no shard written to {out}: not one of the {sum(counts.values())} records of --input {spec} "
+            f"({units} input unit{'s' if units != 1 else ''}) gave a usable image ({_by_reason(counts)}); the records "
+            f"and reasons are in {skipped_file}")
+
+
 # ---- the command ------------------------------------------------------------------------------------
 def dist_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """--rank/--world-size, else env RANK/WORLD_SIZE (torchrun, deepspeed), else (0, 1)."""
@@ -301,14 +334,21 @@ def run(args: argparse.Namespace) -> dict:
         for i in todo:
             path = out / shard_name(args.prefix, i)
             samples, skipped = prep.shard_samples(units[i])
+            if not samples:  # no empty shard: the trainer refuses one; a rerun redoes the unit
+                write_unit_without_samples(path, skipped)
+                log.warning("input %s: no usable image (%s): no shard written", units[i].name, _by_reason(skipped))
+                bar.update(1)
+                continue
             write_shard(path, samples, skipped)
             write_manifest(out, meta, prefix=args.prefix)
             images += len(samples)
             bar.set_postfix(f"{images} images, {images / max(time.time() - t0, 1e-9):.1f} images/s")
             bar.update(1)
             log.debug("shard %s: %d samples, %d skipped", path.name, len(samples), len(skipped))
-    manifest = write_manifest(out, meta, prefix=args.prefix)
     skipped_file, n_skipped = write_skipped_list(out, prefix=args.prefix)
+    if mine and not any((out / shard_name(args.prefix, i)).exists() for i in mine):
+        raise NothingPrepared(_nothing_written(out, args.input, rank, world, len(mine), skipped_file))
+    manifest = write_manifest(out, meta, prefix=args.prefix)
     manifest["this_run"] = {"images": images, "seconds": time.time() - t0}
     manifest["skipped_list"] = {"path": str(skipped_file), "records": n_skipped}
     return manifest

@@ -15,7 +15,8 @@ Every finished shard has a sidecar `{prefix}-{index:06d}.stats.json` (sample cou
 histogram, skip counts) and, when `prepare` skipped source records, `{prefix}-{index:06d}.skipped.jsonl`
 (one `{"key", "reason", "source"}` a line); `manifest.json` summarises the directory: format, image tokenizer
 (name, codebook_size, grid, image_size), text tokenizer (name/path, vocab_size), shards with sample counts,
-totals, and `skipped.jsonl` merges the skip lists of all shards (`write_skipped_list`).
+totals, and `skipped.jsonl` merges the skip lists of all shards (`write_skipped_list`; `"shard": null` for an
+input unit without one usable record, which gets a skip list and no shard).
 Every file is written to a temporary name and renamed, so a killed writer never leaves a partial `.tar`
 and readers only ever see finished shards; the manifest is rebuilt from the sidecars after each shard.
 """
@@ -321,10 +322,14 @@ def write_skipped_list(out_dir: str | Path, prefix: str = "tokens") -> tuple[Pat
     `{"shard", "key", "reason", "source"}` a line, in shard order; atomic). Returns (path, records)."""
     out_dir = Path(out_dir)
     rows = []
-    for shard in _finished(out_dir, prefix):
-        side = skipped_path(shard)
+    finished = _finished(out_dir, prefix)
+    shards = {skipped_path(p): p.name for p in finished}
+    # a unit without one usable sample wrote its list and no shard ("shard": null)
+    shards.update({side: None for side in out_dir.glob(f"{glob.escape(prefix)}-*.skipped.jsonl")
+                   if not side.with_name(side.name.replace(".skipped.jsonl", ".tar")).exists()})
+    for side in sorted(shards):
         if side.is_file():
-            rows += [{"shard": shard.name, **json.loads(line)} for line in side.read_text().splitlines() if line]
+            rows += [{"shard": shards[side], **json.loads(line)} for line in side.read_text().splitlines() if line]
     atomic_write_bytes(out_dir / SKIPPED, _jsonl_bytes(rows))
     return out_dir / SKIPPED, len(rows)
 

@@ -92,21 +92,52 @@ def meta_path(captions: str | os.PathLike) -> Path:
     return Path(f"{captions}.meta.json")
 
 
-def read_captions(path, n: int | None) -> list[str]:
-    """The first n captions of a .txt (one per line) or .jsonl (a "caption" or "text" key per line)."""
+def read_caption_file(path) -> list[str]:
+    """Every caption of a captions file, line i (from 0) as caption index i, whatever the lines hold.
+
+    .txt: one caption per line, stripped; a blank line is an empty caption (it keeps its index; the caller may warn).
+    .jsonl: one JSON object per line with a string "caption" (or "text") field; a file with any bad line (not JSON,
+    no such field, blank) is refused up front with one line naming the file and every bad line (the first 5, and
+    how many more), so no caption is ever drawn under another line's index. Blank lines at the end of either are
+    not captions. Lines end at "\n" only: a caption holding U+2028 or a form feed stays one caption.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"captions file {path} does not exist")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
-        captions = []
-        for i, line in enumerate(lines):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if path.suffix != ".jsonl":
+        return [line.strip() for line in lines]
+    captions, bad = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            bad.append(f"line {number} is blank (write {{\"caption\": \"\"}} for an empty caption)")
+            continue
+        try:
             row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("caption", row.get("text")), str):
-                raise ValueError(f"{path}: line {i + 1} has no string 'caption' (or 'text') field")
-            captions.append(row.get("caption", row.get("text")))
-    else:
-        captions = [line.strip() for line in lines]
+        except ValueError as e:
+            bad.append(f"line {number} is not JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})")
+            continue
+        caption = row.get("caption", row.get("text")) if isinstance(row, dict) else None
+        if not isinstance(caption, str):
+            bad.append(f"line {number} has no string 'caption' (or 'text') field")
+            continue
+        captions.append(caption)
+    if bad:
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"{path}: {'; '.join(bad[:5])}{more}: fix these lines (line i is caption index i - 1, so "
+                         "removing one moves every later caption); nothing was drawn")
+    return captions
+
+
+def read_captions(path, n: int | None) -> list[str]:
+    """The first n captions of a .txt or .jsonl captions file (`read_caption_file`: line i is caption index i)."""
+    captions = read_caption_file(path)
     if n is not None and n > 0:
         if len(captions) < n:
             raise ValueError(f"{path} has {len(captions)} captions, fewer than --n {n}")

@@ -9,7 +9,9 @@ Layout under `run_dir/checkpoints/`:
 
 A directory without COMPLETE (a crash or a kill while writing) is never picked by `resume`. On resume the
 manifest is checked (`verify`): a missing, truncated or altered file names itself, and `train.resume=auto`
-falls back to the previous complete checkpoint with one warning line (an explicit path never falls back).
+falls back to the previous complete checkpoint with one warning line (an explicit path never falls back); the
+training that resumes moves the damaged one aside to `damaged-step_...` (`move_aside`: kept for inspection,
+with the reason in its DAMAGED file, never listed, resumed, exported or counted by `keep_last` again).
 The checksum is CRC32 over three 64 KiB windows (start, middle, end) plus the size: O(1) per file, so a
 resume of a 1B run (tens of GB of optimizer state) does not read everything on every rank; truncation and
 missing files, the common damage, are always caught by the size.
@@ -132,15 +134,16 @@ def verify(tag_dir: Path) -> str | None:
 
 
 # ---- choosing the checkpoint to resume -----------------------------------------------------------
-def find_resume(resume: str, root: str | Path, warn: Callable[[str], None] = print) -> Path | None:
-    """'never' -> None; 'auto' -> the newest complete checkpoint that verifies (one warning line naming the
-    damaged newer ones), None when there is none at all; a path -> that checkpoint, which must verify.
+def choose_resume(resume: str, root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the checkpoint to resume, the damaged newer ones with what is wrong with each), without a word or a write.
 
-    Raises CheckpointError (one line) when checkpoints exist but none is intact, or the given path is not.
-    Every rank calls this before DeepSpeed starts; the choice is deterministic, so the ranks agree.
+    'never' -> None; 'auto' -> the newest complete checkpoint that verifies, None when there is none at all; a
+    path -> that checkpoint, which must verify. Raises CheckpointError (one line) when checkpoints exist but none
+    is intact, or the given path is not. Every rank calls this before DeepSpeed starts; the choice is
+    deterministic, so the ranks agree.
     """
     if resume == "never":
-        return None
+        return None, []
     if resume != "auto":
         path = Path(resume)
         if not is_complete(path):
@@ -148,19 +151,50 @@ def find_resume(resume: str, root: str | Path, warn: Callable[[str], None] = pri
         problem = verify(path)
         if problem:
             raise CheckpointError(f"train.resume={resume}: {problem}")
-        return path
-    damaged = []
+        return path, []
+    damaged: list[tuple[Path, str]] = []
     for path in reversed(complete_checkpoints(root)):
         problem = verify(path)
         if problem is None:
-            if damaged:
-                warn(f"warning: {'; '.join(damaged)}: resuming from the previous complete checkpoint {path.name}")
-            return path
-        damaged.append(f"{path.name} is damaged ({problem})")
+            return path, damaged
+        damaged.append((path, problem))
     if damaged:
-        raise CheckpointError(f"no intact checkpoint to resume under {root}: {'; '.join(damaged)}; "
+        raise CheckpointError(f"no intact checkpoint to resume under {root}: "
+                              f"{'; '.join(f'{p.name} is damaged ({why})' for p, why in damaged)}; "
                               "start again with train.resume=never in another train.run_dir")
-    return None
+    return None, []
+
+
+def find_resume(resume: str, root: str | Path, warn: Callable[[str], None] = print) -> Path | None:
+    """`choose_resume` for readers (generate, export): the damaged newer checkpoints named in one warning line,
+    left where they are (a reader writes nothing; the next training moves them aside)."""
+    path, damaged = choose_resume(resume, root)
+    if damaged:
+        warn(f"warning: {'; '.join(f'{p.name} is damaged ({why})' for p, why in damaged)}: "
+             f"resuming from the previous complete checkpoint {path.name}")
+    return path
+
+
+DAMAGED = "DAMAGED"  # inside a moved-aside checkpoint: why it was moved
+
+
+def damaged_name(tag: str) -> str:
+    """Where a damaged checkpoint goes: `damaged-step_...`, outside the `step_*` names every lister reads."""
+    return f"damaged-{tag}"
+
+
+def move_aside(path: Path, problem: str) -> Path:
+    """Rename damaged checkpoint `path` to `damaged-<tag>` beside it (one atomic rename: no lister, keep_last,
+    resume or export takes it for a checkpoint again), with the reason in its DAMAGED file; returns the new path.
+    Only the run directory's lock holder calls this. A name already taken gets a numeric suffix."""
+    target = path.with_name(damaged_name(path.name))
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{damaged_name(path.name)}.{n}")
+    os.replace(path, target)
+    atomic_write_text(target / DAMAGED, json.dumps({"checkpoint": path.name, "problem": problem, "time": time.time()}) + "\n")
+    return target
 
 
 # ---- per-rank state ------------------------------------------------------------------------------

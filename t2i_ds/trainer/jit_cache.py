@@ -5,9 +5,10 @@ torch's `cpp_extension.load` guards a build with `<TORCH_EXTENSIONS_DIR>/<op>/lo
 the building process creates it with O_EXCL and keeps it open until the build ends; every other process
 polls until the file disappears, with no timeout and no output. A build killed part-way leaves the file, and
 every later start hangs. Before DeepSpeed starts, `check_build_locks` looks at each lock file in the cache: one
-that no process on this host holds open was left by a killed build, and the run stops with one line naming the
-file to remove. (On several nodes sharing the cache a build on another node looks the same from here, so there
-it is a warning line and the wait goes on.)
+that no process on this host holds open was left by a killed build; it is removed with one line, and the op is
+built again (ninja redoes the outputs the killed build did not finish: they are not in its log). (On several
+nodes sharing the cache a build on another node looks the same from here, so there it is a warning line and the
+wait goes on.)
 
 `use_own_cache` points TORCH_EXTENSIONS_DIR at `<sys.prefix>/torch_extensions` when it is unset, so two virtual
 environments never rebuild (40-60 s each start) or wait on each other's op.
@@ -20,12 +21,6 @@ import sys
 from pathlib import Path
 
 ENV = "TORCH_EXTENSIONS_DIR"
-
-
-class JitLockError(RuntimeError):
-    """A JIT build lock without a live holder."""
-
-    user_error = True
 
 
 def use_own_cache() -> str:
@@ -69,20 +64,45 @@ def _single_node() -> bool:
     return not (world and local and int(world) > int(local))
 
 
-def check_build_locks(warn=print) -> None:
-    """Raise JitLockError (one line) for a build lock in the cache that no live process holds."""
+def check_build_locks(warn=print) -> list[Path]:
+    """Remove the build locks in the cache that no live process holds, one line each; returns them.
+
+    Only the first process of each node removes (LOCAL_RANK 0, or a process outside a launcher); its other
+    processes leave the file to it, and torch's wait ends as soon as it is gone. A lock is removed only if it is
+    the file found stale (same inode, still unheld, looked at again just before): a build that started meanwhile
+    created a new one. On several nodes sharing the cache a build elsewhere looks the same from here: a warning,
+    nothing removed.
+    """
     root = os.environ.get(ENV)
     if not root or not os.path.isdir(root) or not os.path.isdir("/proc"):
-        return
+        return []
     locks = build_locks(root)
     if not locks:
-        return
+        return []
+    found = {p: _inode(p) for p in locks}
     held = _holders(locks)
     stale = [p for p in locks if Path(os.path.realpath(p)) not in held]
-    if not stale:
-        return
-    message = (f"{stale[0]} is a JIT build lock that no process holds (a build was killed part-way); "
-               f"remove it (rm {stale[0]}) and start again, or DeepSpeed waits on it forever")
-    if _single_node():
-        raise JitLockError(message)
-    warn(f"[t2i_ds] warning: {message} (unless a build on another node of this job holds it)")
+    if not _single_node():
+        for p in stale:
+            warn(f"[t2i_ds] warning: {p} is a JIT build lock that no process on this node holds: a build on another "
+                 f"node of this job, or one killed part-way (then remove it: rm {p}); waiting for it")
+        return []
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return []
+    removed = []
+    for p in stale:
+        if _inode(p) is None or _inode(p) != found[p] or Path(os.path.realpath(p)) in _holders([p]):
+            continue  # gone, or a new build's lock meanwhile
+        Path(p).unlink(missing_ok=True)
+        removed.append(p)
+        warn(f"[t2i_ds] removed {p}: a JIT build lock that no process holds (a build killed part-way left it); "
+             "the op is built again now instead of waited on")
+    return removed
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino

@@ -2,7 +2,8 @@
 
 * `run_dir/LOCK` holds the holder's host, pid and start time while a training writes there. It is an advisory
   `flock`: the kernel releases it when the holder dies, so a lock left by a killed run is stale by construction
-  (detected, taken over, and said so). A second training into a live run directory is refused with one line.
+  (detected, taken over, and said so: what the file named, and whether that pid is dead, alive but not holding
+  the lock (a reused pid, a copied directory), on another host, or this process). A second training into a live run directory is refused with one line.
 * `run_dir/run.json` holds the run id, written at the first start and kept by every resume; checkpoint markers
   record it, and `keep_last` only ever prunes this run's checkpoints.
 * A resume first compares the new config with the run's `config.json`: fields that change shapes (vocab,
@@ -33,6 +34,10 @@ RUN_FILE = "run.json"
 FIXED_ON_RESUME = ("vocab", "model.preset", "model.overrides", "init", "optim.lr", "optim.betas", "optim.eps",
                    "optim.weight_decay", "train.freeze")
 KERNEL_CHOICES = ("attn_backend", "loss_impl")
+
+
+class NothingToDo(Exception):
+    """The checkpoint to resume is at or past train.steps: said in one line, exit status 0, nothing written."""
 
 
 class RunDirBusy(RuntimeError):
@@ -95,6 +100,23 @@ def check_not_busy(run_dir: Path) -> None:
         os.close(fd)
 
 
+def _takeover_text(old: dict, path: Path) -> str:
+    """What was found in a lock file whose flock nobody held (we hold it now), in one line."""
+    pid, host = old.get("pid"), old.get("host")
+    found = f"{path} named {_holder_text(old)}"
+    if host != socket.gethostname():
+        why = ("which cannot be checked from here and holds no lock on it (a run there that ended, or a run directory "
+               "copied from there)")
+    elif pid == os.getpid():
+        why = "which is this process (a lock it left itself)"
+    elif isinstance(pid, int) and _pid_alive(pid):
+        why = ("which is alive but does not hold the lock, so it is not a training of this directory (its pid reused "
+               "after a reboot, or a run directory copied from a live run)")
+    else:
+        why = "which is no longer alive (a training that was killed)"
+    return f"took over the run directory's lock: {found}, {why}"
+
+
 class RunLock:
     """Held by rank 0 for the life of the training; `stale` describes a dead holder's lock that was taken over."""
 
@@ -108,7 +130,7 @@ class RunLock:
             raise RunDirBusy(f"{run_dir} is in use by another training, {_holder_text(holder)}: wait for it to "
                              f"end or choose another train.run_dir (the lock is {self.path})")
         old = _read(self.path)
-        self.stale = f"took over the lock of a run that is no longer alive, {_holder_text(old)}" if old else ""
+        self.stale = _takeover_text(old, self.path) if old else ""
         me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, json.dumps(me).encode(), 0)

@@ -7,10 +7,12 @@ step as a device tensor. DeepSpeed divides by `accum` in backward and averages g
 `world` data-parallel ranks, which cancels the two factors exactly.
 
 A run never lies and never loses work:
-  * Before DeepSpeed starts (every rank, nothing written yet): no stale JIT build lock, no live training in
+  * Before DeepSpeed starts (every rank, nothing written yet but a stale JIT build lock's removal): no live training in
     the run directory, the checkpoint to resume verified against its manifest (falling back to the previous
-    one with a warning), and the config compared with the run's (t2i_ds.trainer.rundir).
-  * Rank 0 holds the run directory's lock; failures at agreement points (data fetch, checkpoint save/load,
+    one), the config compared with the run's (t2i_ds.trainer.rundir), and some work left: a checkpoint at or
+    past the last step ends the start with one line and exit status 0, the run directory untouched.
+  * Rank 0 holds the run directory's lock; holding it, it moves the damaged checkpoints a fallback skipped
+    aside (one warning line; checkpointing.move_aside); failures at agreement points (data fetch, checkpoint save/load,
     the lock) end every rank together with the failing rank's one line (t2i_ds.trainer.agree).
   * Non-finite steps: ZeRO's optimizer (DeepSpeed 0.19) checks the global gradient norm it computes anyway,
     in fp32 and bf16 alike, and on a non-finite one skips the update and the LR scheduler; the loop reads
@@ -170,9 +172,40 @@ class Trainer:
                 raise ConfigError(f"train.resume=never, but {self.run_dir} holds complete checkpoints of an earlier run "
                                   f"(newest {done[-1].name}): resume it with train.resume=auto, or choose another "
                                   "train.run_dir (or delete its checkpoints/)")
-        path = checkpointing.find_resume(t.resume, self.ckpt_root, warn=self._log0)
+        path, self.damaged = checkpointing.choose_resume(t.resume, self.ckpt_root)
         changes = rundir.check_resume_config(path.parent.parent, self.cfg.to_dict()) if path else []
+        if path is not None:
+            self._check_work_left(path)
         return path, changes
+
+    def _check_work_left(self, path: Path) -> None:
+        """Raise NothingToDo (one line, exit 0, nothing written) when checkpoint `path` is at or past the last step."""
+        done = checkpointing.read_marker(path).get("step")
+        if done is None or int(done) < self.steps:
+            return
+        if self.damaged:  # left in place: moving them aside is a write, and this start writes nothing
+            self._log0(f"{self._damaged_text()} (left in place: this start trains and writes nothing)")
+        t = self.cfg.train
+        steps = (f"train.steps={t.steps}" if t.steps is not None
+                 else f"train.steps=null ({self.steps} steps from train.total_tokens={t.total_tokens:,})")
+        raise rundir.NothingToDo(f"nothing to train: the checkpoint to resume, {path}, is at step {done} and {steps}; "
+                                 f"trained nothing and left {self.run_dir} as it was (set train.steps above {done} to "
+                                 "train further, or choose another train.run_dir)")
+
+    def _damaged_text(self, moved: list[Path] | None = None) -> str:
+        """"warning: step_X is damaged (why)[, moved aside to ...]" for the checkpoints the fallback skipped."""
+        moved = moved or [None] * len(self.damaged)
+        return "warning: " + "; ".join(
+            f"{p.name} is damaged ({why})" + (f", moved aside to {to} (kept for inspection; never resumed, listed or "
+                                              "counted by keep_last)" if to else "")
+            for (p, why), to in zip(self.damaged, moved))
+
+    def _move_damaged(self) -> None:
+        """Rank 0, holding the lock: the damaged checkpoints newer than the resumed one go aside, said in one line."""
+        if not self.damaged:
+            return
+        moved = self._agreed(lambda: [checkpointing.move_aside(p, why) for p, why in self.damaged] if self.rank == 0 else [])
+        self.log(f"{self._damaged_text(moved)}: resuming from the previous complete checkpoint {self.resume_from.name}")
 
     def _agreed(self, fn):
         """fn() on every rank; a failure on any rank ends every rank with its message."""
@@ -200,6 +233,7 @@ class Trainer:
                 f"ranks chose different checkpoints to resume ({sorted(choices)}): is {self.run_dir} on a "
                 "filesystem every rank sees the same way?"))
             mine = everyone[0]
+        self._move_damaged()  # every rank has chosen (the choices agree): now the damaged ones may go
         return lock, mine[0]
 
     def _make_data(self):
