@@ -11,6 +11,8 @@ Bad input (missing or invalid ds_config, unknown preset or field, a value of the
 data path, a batch the world size cannot meet, a data path without token shards, a run directory in use, a
 damaged checkpoint with nothing to fall back to, a full disk, a JIT build lock left by a killed build) ends with
 one line on stderr and exit status 2. With several ranks the line is the failing rank's, printed once by rank 0.
+A node lost or hung mid-run (t2i_ds.trainer.watchdog) ends the survivors within train.collective_timeout_s with one
+line naming it and the last complete checkpoint, printed by the lowest surviving rank, and exit status 3.
 """
 
 from __future__ import annotations

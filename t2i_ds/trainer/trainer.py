@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -34,18 +36,26 @@ import torch.distributed as dist
 from t2i_ds.atomic import atomic_write_text
 from t2i_ds.config import Config, ConfigError
 from t2i_ds.provenance import git_revision
-from t2i_ds.trainer import checkpointing, jit_cache, rundir
+from t2i_ds.trainer import checkpointing, jit_cache, rundir, topology
 from t2i_ds.trainer.agree import Agreement
 from t2i_ds.trainer.batching import BatchPlan, resolve_batch, resolve_ds_config
 from t2i_ds.trainer.comms import CommsWindow, logger_enabled
 from t2i_ds.trainer.flops import flops_per_token, modality_positions, peak_flops
 from t2i_ds.trainer.metrics import MetricWindow, TensorBoard, loss_metrics, memory_metrics, modality_metrics
 from t2i_ds.trainer.parallelize import build_initialised_model, resident_parameter_elements, wrap_with_deepspeed
+from t2i_ds.trainer.watchdog import Watchdog
 from t2i_ds.vocab import IGNORE
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Start (or join) the process group; works under the DeepSpeed launcher or as a single process."""
+class ProcessGroupError(RuntimeError):
+    """The process group did not form (a node missing, a wrong --node_rank or --num_nodes, the master unreachable)."""
+
+    user_error = True
+
+
+def init_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
+    """Start (or join) the process group; works under the DeepSpeed launcher, torchrun or as a single process.
+    `timeout_s` (train.collective_timeout_s) bounds the wait for every rank to join and every later collective."""
     import deepspeed
 
     jit_cache.use_own_cache()
@@ -55,7 +65,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    except Exception as e:  # noqa: BLE001  (store timeout, address in use, connection refused: one line)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ProcessGroupError(
+            f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} could not join the process group at "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within train.collective_timeout_s={timeout_s:g}: "
+            f"{first} (every node needs the same hostfile/--num_nodes and master address and port, and its own "
+            "--node_rank)") from e
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -90,12 +108,21 @@ class StopFlag:
 class Trainer:
     def __init__(self, cfg: Config, user_ds_config: dict):
         self.lock: rundir.RunLock | None = None
+        self.watchdog: Watchdog | None = None
+        self.saving: Path | None = None  # the checkpoint directory being written
         try:
             self._setup(cfg, user_ds_config)
-        except BaseException:
+        except BaseException as e:
+            self._failed(e)
             if self.lock is not None:  # a failed start leaves the run directory free
                 self.lock.release()
             raise
+
+    def _failed(self, error: BaseException) -> None:
+        """A collective that failed because a node is gone ends here, with the watchdog's one line."""
+        if self.watchdog is not None:
+            self.watchdog.failed(error)
+            self.watchdog.close()
 
     def _setup(self, cfg: Config, user_ds_config: dict) -> None:
         self.cfg = cfg
@@ -109,9 +136,13 @@ class Trainer:
         self.ds_config = resolve_ds_config(user_ds_config, self.plan, cfg.optim.grad_clip, torch.cuda.is_available())
         self.steps = total_steps(cfg, self.plan)
         self.resume_from, self.config_changes = self._preflight()
-        self.rank, self.world, self.device = init_distributed()
+        self.rank, self.world, self.device = init_distributed(t.collective_timeout_s)
         self.agree = Agreement(self.rank, self.world)
         self.lock, self.run_id = self._take_run_dir()
+        self.topology = topology.gather(self.world)
+        if self.world > 1:  # a lost or hung node ends the run within seconds, naming it
+            self.watchdog = Watchdog(self.rank, self.topology, t.collective_timeout_s, self._last_checkpoint,
+                                     self._remove_partial_checkpoint)
         self.data = self._agreed(self._make_data)  # before the model: a bad data path fails fast
         model = self._agreed(lambda: build_initialised_model(cfg, self.vocab, self.ds_config))  # ZeRO-3: partitioned
         self.param_elements_per_rank = self._gather_ints(resident_parameter_elements(model))
@@ -161,6 +192,17 @@ class Trainer:
         path = checkpointing.find_resume(t.resume, self.ckpt_root, warn=self._log0)
         changes = rundir.check_resume_config(path.parent.parent, self.cfg.to_dict()) if path else []
         return path, changes
+
+    def _last_checkpoint(self) -> str:
+        kept = checkpointing.complete_checkpoints(self.ckpt_root, self.run_id)
+        if not kept:
+            return "this run has no complete checkpoint yet"
+        return f"the last complete checkpoint is {kept[-1]} (resume with train.resume=auto)"
+
+    def _remove_partial_checkpoint(self) -> None:
+        """The directory of a save cut off by a lost node (never a complete checkpoint)."""
+        if self.saving is not None and not checkpointing.is_complete(self.saving):
+            shutil.rmtree(self.saving, ignore_errors=True)
 
     def _agreed(self, fn):
         """fn() on every rank; a failure on any rank ends every rank with its message."""
@@ -259,6 +301,7 @@ class Trainer:
             "global_batch": p.global_batch, "tokens_per_step": p.tokens_per_step, "steps": self.steps,
             "trainable_params": self.freeze_report.trainable, "total_params": self.freeze_report.total,
             "param_elements_per_rank": self.param_elements_per_rank,  # held after construction (ZeRO-3: partitions)
+            **self.topology.plan(),  # nodes, ranks per node, hosts, master address
         }
         atomic_write_text(self.run_dir / "plan.json", json.dumps(summary, indent=2))
         self.tb.text("config", "```\n" + json.dumps(self.cfg.to_dict(), indent=2, default=str) + "\n```", 0)
@@ -410,8 +453,10 @@ class Trainer:
     def save(self) -> None:
         client = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped}
         rank_state = {"data": self.data.state_dict()}
+        self.saving = self.ckpt_root / checkpointing.tag_for(self.step)
         path = checkpointing.save(self.engine, self.ckpt_root, self.step, client, rank_state, self.cfg.train.keep_last,
                                   self.rank, self.world, self.run_id, self.agree)
+        self.saving = None
         self.last_saved, self.save_pending = self.step, False
         self.log(f"checkpoint {path}")
 
@@ -438,6 +483,13 @@ class Trainer:
             self.tb.text("samples/captions", "\n\n".join(t.sample_captions), self.step)
 
     def fit(self) -> dict[str, float]:
+        try:
+            return self._fit()
+        except BaseException as e:
+            self._failed(e)
+            raise
+
+    def _fit(self) -> dict[str, float]:
         self.engine.train()
         self.first_step = self.step
         last: dict[str, float] = {}
@@ -477,6 +529,8 @@ class Trainer:
             self.save()
 
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.close()
         self.tb.close()
         if self.lock is not None:
             self.lock.release()
