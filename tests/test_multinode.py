@@ -1,0 +1,250 @@
+"""Two nodes on one machine: launcher processes meeting over loopback (127.0.0.1 and 127.0.0.2 both reach it),
+one CPU rank per "node", the debug preset.
+
+In `make test` (each launch costs 15-30 s on two cores):
+  * the SLURM template's per-node body (scripts/slurm/node.sh, which runs DeepSpeed's launcher with a hostfile in
+    --no_ssh mode) under a faked SLURM environment trains the same losses and sample ids per step as one launcher
+    with the same two ranks (tests/trainer_utils.py DEBUG_RUNS["zero2_x2"], shared), writes one complete
+    checkpoint with both ranks' shards, one metrics file and one TensorBoard file, and records the nodes in plan.json;
+  * a node SIGKILLed or SIGSTOPped (hung) mid-run ends the survivor within 2 x train.collective_timeout_s with one
+    line naming the node and the last complete checkpoint, exit status 3, no partial checkpoint;
+  * a process group that cannot form (a node that never joins) ends with one line within the timeout.
+Opt-in (T2I_DS_MULTINODE_ALL=1, marker `multinode_all`): torchrun --nnodes 2 (static and c10d rendezvous),
+`train.resume=auto` on the surviving node alone, and DeepSpeed's launcher given a wrong --node_rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.trainer_utils import DEBUG_STEPS, DS_ZERO2, ROOT, env, free_port, losses, metrics, sample_ids, train
+
+HOSTS = ("127.0.0.1", "127.0.0.2")
+TIMEOUT = 6  # train.collective_timeout_s of the lost-node tests (the heartbeat beats every second)
+DEBUG = ["--ds_config", DS_ZERO2, "--preset", "debug"]
+
+
+# ---- launching ------------------------------------------------------------------------------------
+def hostfile(tmp_path: Path, slots: int = 1) -> Path:
+    path = tmp_path / "hostfile"
+    path.write_text("".join(f"{h} slots={slots}\n" for h in HOSTS))
+    return path
+
+
+def deepspeed_node(node: int, hosts: Path, port: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hosts), "--no_ssh", "--node_rank",
+            str(node), "--master_addr", HOSTS[0], "--master_port", str(port), "--module", "t2i_ds.train", *args]
+
+
+class Node:
+    """One launcher process (its own session, so a signal reaches the launcher and its ranks), output in files."""
+
+    def __init__(self, cmd: list[str], logs: Path, extra_env: dict | None = None):
+        self.out, self.err = logs.with_suffix(".out"), logs.with_suffix(".err")
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, stdout=out, stderr=err,
+                                         start_new_session=True)
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def text(self) -> str:
+        return self.out.read_text() + self.err.read_text()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            raise AssertionError(f"still running after {timeout} s:\n{self.text()[-3000:]}") from None
+
+
+def run_nodes(nodes: list[Node], timeout: float = 300) -> None:
+    try:
+        for n in nodes:
+            assert n.wait(timeout) == 0, n.text()[-4000:]
+    finally:
+        for n in nodes:
+            n.signal(signal.SIGKILL)
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("t2i_ds.train: error:")]
+
+
+# ---- what two nodes must give ----------------------------------------------------------------------
+def assert_same_as_one_launcher(run: Path, ref: Path, ranks_per_node: list[int], master: str = HOSTS[0]) -> None:
+    from t2i_ds.trainer import checkpointing
+
+    got, want = losses(run), losses(ref)
+    assert sorted(got) == sorted(want) == list(range(1, DEBUG_STEPS + 1))  # each step logged once (rank 0 only)
+    for step in want:
+        print(step, want[step], got[step], abs(got[step] - want[step]) / want[step])
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    assert sample_ids(run) == sample_ids(ref)  # the same rows of the global batch, every step
+    assert len(list((run / "samples").glob("rank_*.jsonl"))) == sum(ranks_per_node)
+    (ckpt,) = [p for p in (run / "checkpoints").iterdir() if p.is_dir()]  # exactly one, and complete
+    assert ckpt.name == checkpointing.tag_for(DEBUG_STEPS) and checkpointing.verify(ckpt) is None
+    assert checkpointing.read_marker(ckpt)["world_size"] == sum(ranks_per_node)
+    assert len(list(ckpt.glob("zero_pp_rank_*_optim_states.pt"))) == sum(ranks_per_node)  # every node's shards
+    assert len(list((run / "tb").iterdir())) == 1  # TensorBoard written by global rank 0 only
+    plan = json.loads((run / "plan.json").read_text())
+    assert (plan["nodes"], plan["ranks_per_node"], plan["master_addr"]) == (len(ranks_per_node), ranks_per_node, master)
+
+
+# ---- the SLURM template -----------------------------------------------------------------------------
+def fake_slurm(tmp_path: Path) -> Path:
+    """A directory with an `scontrol` that expands a comma-separated node list (all `node.sh` asks of it)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] || exit 1\necho "$3" | tr , "\\n"\n')
+    scontrol.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.slow
+def test_slurm_template_on_two_loopback_nodes_matches_one_launcher(tmp_path, debug_run):
+    ref = debug_run("zero2_x2")  # one launcher, two ranks
+    run, port = tmp_path / "run", free_port()
+    path = f"{fake_slurm(tmp_path)}:{Path(sys.executable).parent}:{os.environ['PATH']}"  # scontrol; deepspeed
+    args = [*DEBUG, "--set", f"train.steps={DEBUG_STEPS}", "--set", "train.record_samples=true",
+            "--set", f"train.run_dir={run}"]
+    nodes = [Node(["bash", str(ROOT / "scripts" / "slurm" / "node.sh"), *args], tmp_path / f"node{i}",
+                  {"SLURM_NODEID": str(i), "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": ",".join(HOSTS),
+                   "SLURM_JOB_ID": "4242", "GPUS_PER_NODE": "1", "MASTER_PORT": str(port), "PATH": path,
+                   "HOSTFILE": str(tmp_path / f"hostfile{i}")})
+             for i in range(2)]
+    run_nodes(nodes)
+    assert (tmp_path / "hostfile1").read_text() == "127.0.0.1 slots=1\n127.0.0.2 slots=1\n"
+    assert_same_as_one_launcher(run, ref, [1, 1])
+    assert "[t2i_ds] step" not in nodes[1].text()  # node 1 holds no global rank 0: it logs no steps
+
+
+# ---- a lost node --------------------------------------------------------------------------------------
+def wait_for_step(run: Path, step: int, nodes: list[Node], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").is_file() and any(m["step"] >= step for m in metrics(run)):
+            return
+        for n in nodes:
+            assert n.proc.poll() is None, f"ended before step {step}:\n{n.text()[-4000:]}"
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def lose_node(tmp_path: Path, sig: int, steps: int = 40) -> tuple[Node, float, Path]:
+    """Two DeepSpeed nodes; `sig` to all of node 1's processes after step 3 (a checkpoint every 2 steps); returns
+    the survivor (node 0, ended), the seconds from the signal to its end, and the run directory."""
+    run, port, hosts = tmp_path / "run", free_port(), hostfile(tmp_path)
+    args = [*DEBUG, "--set", f"train.steps={steps}", "--set", "train.ckpt_every=2", "--set", "train.record_samples=true",
+            "--set", f"train.collective_timeout_s={TIMEOUT}", "--set", f"train.run_dir={run}"]
+    nodes = [Node(deepspeed_node(i, hosts, port, args), tmp_path / f"node{i}") for i in range(2)]
+    try:
+        wait_for_step(run, 3, nodes)
+        start = time.monotonic()
+        nodes[1].signal(sig)
+        nodes[0].wait(timeout=2 * TIMEOUT + 30)
+        return nodes[0], time.monotonic() - start, run
+    finally:
+        for n in nodes:
+            n.signal(signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_lost_node_ends_the_run_in_seconds_with_one_line(tmp_path, sig):
+    from t2i_ds.trainer import checkpointing
+
+    survivor, seconds, run = lose_node(tmp_path, sig)
+    text = survivor.text()
+    print(f"survivor ended {seconds:.1f} s after {signal.Signals(sig).name}:\n" + "\n".join(text.splitlines()[-6:]))
+    (line,) = error_lines(text)
+    newest = checkpointing.complete_checkpoints(run / "checkpoints")[-1]
+    assert "lost node 1 (host " in line and "rank 1)" in line and f"train.collective_timeout_s={TIMEOUT}" in line
+    assert f"the last complete checkpoint is {newest} " in line
+    assert "Traceback" not in text and "pair.cc" not in text
+    assert survivor.proc.returncode == 3
+    assert seconds < 2 * TIMEOUT
+    partial = [p.name for p in (run / "checkpoints").glob("step_*") if not checkpointing.is_complete(p)]
+    assert not partial  # nothing half-written left visible
+
+
+def test_a_process_group_that_cannot_form_ends_with_one_line(tmp_path):
+    """Rank 1 of 2 whose master never comes (a wrong master address or port, a node started alone): one line
+    within the timeout, not torch's DistNetworkError traceback."""
+    e = {**env(), "RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": HOSTS[0], "MASTER_PORT": str(free_port())}
+    cmd = [sys.executable, "-m", "t2i_ds.train", *DEBUG, "--set", "train.collective_timeout_s=2",
+           "--set", f"train.run_dir={tmp_path / 'run'}"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
+    print(f"{time.monotonic() - start:.1f} s:", proc.stderr[-2000:])
+    (line,) = error_lines(proc.stderr)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"rank 1 of 2 could not join the process group at {HOSTS[0]}:{e['MASTER_PORT']} within " \
+           "train.collective_timeout_s=2" in line
+
+
+# ---- opt-in: the other launchers and forms --------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.multinode_all
+@pytest.mark.parametrize("rdzv", ["static", "c10d"])
+def test_torchrun_two_nodes_match_one_launcher(tmp_path, debug_run, rdzv):
+    ref = debug_run("zero2_x2")
+    run, port = tmp_path / "run", free_port()
+    args = [*DEBUG, "--set", f"train.steps={DEBUG_STEPS}", "--set", "train.record_samples=true",
+            "--set", f"train.run_dir={run}"]
+    rendezvous = (["--master_addr", HOSTS[0], "--master_port", str(port)] if rdzv == "static" else
+                  ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{HOSTS[0]}:{port}", "--rdzv_id", "t2i"])
+    nodes = []
+    for i in range(2):
+        node_rank = ["--node_rank", str(i)] if rdzv == "static" else []
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", *node_rank,
+               *rendezvous, "-m", "t2i_ds.train", *args]
+        nodes.append(Node(cmd, tmp_path / f"node{i}"))
+    run_nodes(nodes)
+    assert_same_as_one_launcher(run, ref, [1, 1])
+
+
+@pytest.mark.slow
+@pytest.mark.multinode_all
+def test_resume_on_the_surviving_node_alone_continues_the_same_samples(tmp_path):
+    """After node 1 was killed, node 0 alone (half the ranks) resumes through the universal checkpoint and trains
+    each remaining step on the rows an uninterrupted run would have used."""
+    steps = 12
+    survivor, _, run = lose_node(tmp_path, signal.SIGKILL, steps=steps)
+    assert survivor.proc.returncode == 3
+    proc = train([*DEBUG, "--set", f"train.steps={steps}", "--set", "train.ckpt_every=2", "--set", "train.record_samples=true",
+                  "--set", f"train.run_dir={run}"], ranks=1)
+    assert "converted with DeepSpeed's universal checkpoint" in proc.stdout
+    rows = 4  # the debug preset's global batch
+    assert sample_ids(run) == {s: sorted(f"synthetic:{s - 1}:{r}" for r in range(rows)) for s in range(1, steps + 1)}
+    assert sorted(losses(run)) == list(range(1, steps + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.multinode_all
+def test_a_wrong_node_rank_ends_with_one_line_within_the_timeout(tmp_path):
+    """Both launchers told --node_rank 0: the second rank 0 cannot host the store, the first waits for rank 1."""
+    run, port, hosts = tmp_path / "run", free_port(), hostfile(tmp_path)
+    args = [*DEBUG, "--set", "train.collective_timeout_s=4", "--set", f"train.run_dir={run}"]
+    nodes = [Node(deepspeed_node(0, hosts, port, args), tmp_path / f"node{i}") for i in range(2)]
+    try:
+        for n in nodes:
+            assert n.wait(120) != 0
+            lines = error_lines(n.text())
+            assert len(lines) == 1 and "could not join the process group" in lines[0], n.text()[-3000:]
+    finally:
+        for n in nodes:
+            n.signal(signal.SIGKILL)
