@@ -118,7 +118,9 @@ def fake_slurm(tmp_path: Path) -> Path:
 def test_slurm_template_on_two_loopback_nodes_matches_one_launcher(tmp_path, debug_run):
     ref = debug_run("zero2_x2")  # one launcher, two ranks
     run, port = tmp_path / "run", free_port()
-    path = f"{fake_slurm(tmp_path)}:{Path(sys.executable).parent}:{os.environ['PATH']}"  # scontrol; deepspeed
+    # scontrol, then the usual PATH, then this environment's `deepspeed`: put first, the venv's ninja (another
+    # version than the system's) would invalidate DeepSpeed's JIT-built op and rebuild it (2 minutes)
+    path = f"{fake_slurm(tmp_path)}:{os.environ['PATH']}:{Path(sys.executable).parent}"
     args = [*DEBUG, "--set", f"train.steps={DEBUG_STEPS}", "--set", "train.record_samples=true",
             "--set", f"train.run_dir={run}"]
     nodes = [Node(["bash", str(ROOT / "scripts" / "slurm" / "node.sh"), *args], tmp_path / f"node{i}",
