@@ -56,7 +56,7 @@ class Beater:
         self.thread.join()
 
 
-def watchdog(rank: int, store: FakeStore, exits: list, printed: list, timeout: float = 0.6, cleaned=None):
+def watchdog(rank: int, store: FakeStore, exits: list, printed: list, timeout: float = 0.3, cleaned=None):
     return Watchdog(rank, TWO_NODES, timeout, lambda: "the last complete checkpoint is C",
                     lambda: cleaned.append(rank) if cleaned is not None else None, store=store, exit=exits.append)
 
@@ -88,11 +88,11 @@ def test_a_silent_node_is_named_by_the_lowest_survivor(capsys):
     finally:
         beater.stop()
     assert exits == [EXIT_NODE_LOST] and cleaned == [0]
-    assert 0.6 <= took < 2 * 0.6 + 0.3  # the timeout, plus at most two beats
+    assert 0.3 <= took < 2 * 0.3 + 0.2  # the timeout, plus at most two beats (0.2 s: the shortest beat)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"t2i_ds.train: error: {w.verdict}"]
     assert w.verdict.startswith("lost node 1 (host gpu-b, ranks 2-3): no heartbeat for ")
-    assert w.verdict.endswith("(train.collective_timeout_s=0.6); the last complete checkpoint is C")
+    assert w.verdict.endswith("(train.collective_timeout_s=0.3); the last complete checkpoint is C")
 
 
 def test_a_survivor_that_is_not_the_lowest_prints_nothing(capsys):
@@ -111,29 +111,29 @@ def test_a_failed_collective_shortens_the_wait_to_three_beats():
     store, exits = FakeStore(), []
     beater = Beater(store, [1])
     try:
-        w = watchdog(0, store, exits, [], timeout=3.0)  # beats every 0.5 s
+        w = watchdog(0, store, exits, [], timeout=1.8)  # beats every 0.3 s
         start = time.monotonic()
         w.failed(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"))  # returns on the verdict
         took = time.monotonic() - start
     finally:
         beater.stop()
     assert exits == [EXIT_NODE_LOST] and "after a collective with it failed" in w.verdict
-    assert took < 3.0  # within 3 beats + 2 (not the 3 s timeout + beats)
+    assert took < 1.5  # 3 beats (0.9 s) and a little, not the 1.8 s timeout
 
 
 def test_a_user_error_or_a_healthy_world_is_no_lost_node():
     store, exits = FakeStore(), []
     beater = Beater(store, [1, 2, 3])
     try:
-        w = watchdog(0, store, exits, [], timeout=0.6)
+        w = watchdog(0, store, exits, [], timeout=0.3)
         start = time.monotonic()
         err = RuntimeError("checkpoint not saved")
         err.user_error = True
         w.failed(err)  # a known, agreed error: no wait
         assert time.monotonic() - start < 0.1
         w.failed(RuntimeError("a real bug"))  # everyone beats: returns (the caller re-raises), after 5 beats at most
-        assert time.monotonic() - start < 0.6 + 0.2 * 2 + 0.5
-        time.sleep(1.0)  # well past the timeout: nobody is declared lost while they beat
+        assert time.monotonic() - start < 0.3 + 0.2 * 2 + 0.3
+        time.sleep(0.6)  # well past the timeout: nobody is declared lost while they beat
     finally:
         w.close()
         beater.stop()
