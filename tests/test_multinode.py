@@ -140,7 +140,8 @@ def test_slurm_template_on_two_loopback_nodes_matches_one_launcher(tmp_path, deb
     run_nodes(nodes)
     assert (tmp_path / "hostfile1").read_text() == "127.0.0.1 slots=1\n127.0.0.2 slots=1\n"
     assert_same_as_one_launcher(run, ref, [1, 1])
-    assert "[t2i_ds] step" not in nodes[1].text()  # node 1 holds no global rank 0: it logs no steps
+    assert f"[t2i_ds rank 0] step {DEBUG_STEPS}/{DEBUG_STEPS}" in nodes[0].text()  # logs name the global rank
+    assert "[t2i_ds" not in nodes[1].text()  # node 1 holds no global rank 0: it logs no steps
 
 
 # ---- a lost node --------------------------------------------------------------------------------------

@@ -336,8 +336,9 @@ class Trainer:
             self.log("config changed since the checkpoint: " + "; ".join(self.config_changes))
 
     def log(self, msg: str) -> None:
+        """Global rank 0's log line; with several ranks it says so (each node's launcher prints its own ranks)."""
         if self.rank == 0:
-            print(f"[t2i_ds] {msg}", flush=True)
+            print(f"[t2i_ds rank 0] {msg}" if self.world > 1 else f"[t2i_ds] {msg}", flush=True)
 
     # ---- one optimizer step --------------------------------------------------------------------
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -453,10 +454,12 @@ class Trainer:
     def save(self) -> None:
         client = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped}
         rank_state = {"data": self.data.state_dict()}
-        self.saving = self.ckpt_root / checkpointing.tag_for(self.step)
-        path = checkpointing.save(self.engine, self.ckpt_root, self.step, client, rank_state, self.cfg.train.keep_last,
-                                  self.rank, self.world, self.run_id, self.agree)
-        self.saving = None
+        self.saving = self.ckpt_root / checkpointing.tag_for(self.step)  # removed by the watchdog if a node is lost
+        try:
+            path = checkpointing.save(self.engine, self.ckpt_root, self.step, client, rank_state,
+                                      self.cfg.train.keep_last, self.rank, self.world, self.run_id, self.agree)
+        finally:
+            self.saving = None
         self.last_saved, self.save_pending = self.step, False
         self.log(f"checkpoint {path}")
 
