@@ -455,11 +455,9 @@ class Trainer:
         client = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped}
         rank_state = {"data": self.data.state_dict()}
         self.saving = self.ckpt_root / checkpointing.tag_for(self.step)  # removed by the watchdog if a node is lost
-        try:
-            path = checkpointing.save(self.engine, self.ckpt_root, self.step, client, rank_state,
-                                      self.cfg.train.keep_last, self.rank, self.world, self.run_id, self.agree)
-        finally:
-            self.saving = None
+        path = checkpointing.save(self.engine, self.ckpt_root, self.step, client, rank_state, self.cfg.train.keep_last,
+                                  self.rank, self.world, self.run_id, self.agree)
+        self.saving = None  # (kept after a failed save: the watchdog may still have to remove it)
         self.last_saved, self.save_pending = self.step, False
         self.log(f"checkpoint {path}")
 
