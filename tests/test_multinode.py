@@ -93,7 +93,8 @@ def error_lines(text: str) -> list[str]:
 
 
 # ---- what two nodes must give ----------------------------------------------------------------------
-def assert_same_as_one_launcher(run: Path, ref: Path, ranks_per_node: list[int], master: str = HOSTS[0]) -> None:
+def assert_same_as_one_launcher(run: Path, ref: Path, ranks_per_node: list[int], master: str | None = HOSTS[0]) -> None:
+    """`master` None: the launcher chose the master address (torchrun's c10d rendezvous: the first agent's host)."""
     from t2i_ds.trainer import checkpointing
 
     got, want = losses(run), losses(ref)
@@ -109,7 +110,8 @@ def assert_same_as_one_launcher(run: Path, ref: Path, ranks_per_node: list[int],
     assert len(list(ckpt.glob("zero_pp_rank_*_optim_states.pt"))) == sum(ranks_per_node)  # every node's shards
     assert len(list((run / "tb").iterdir())) == 1  # TensorBoard written by global rank 0 only
     plan = json.loads((run / "plan.json").read_text())
-    assert (plan["nodes"], plan["ranks_per_node"], plan["master_addr"]) == (len(ranks_per_node), ranks_per_node, master)
+    assert (plan["nodes"], plan["ranks_per_node"]) == (len(ranks_per_node), ranks_per_node)
+    assert plan["master_addr"] == master if master else plan["master_addr"]
 
 
 # ---- the SLURM template -----------------------------------------------------------------------------
@@ -270,7 +272,7 @@ def test_torchrun_two_nodes_match_one_launcher(tmp_path, debug_run, rdzv):
                *rendezvous, "-m", "t2i_ds.train", *args]
         nodes.append(Node(cmd, tmp_path / f"node{i}"))
     run_nodes(nodes)
-    assert_same_as_one_launcher(run, ref, [1, 1])
+    assert_same_as_one_launcher(run, ref, [1, 1], master=HOSTS[0] if rdzv == "static" else None)
 
 
 @pytest.mark.slow

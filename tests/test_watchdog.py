@@ -161,3 +161,23 @@ def test_collective_timeout_must_be_positive(value):
 
     with pytest.raises(ConfigError, match="train.collective_timeout_s"):
         apply_overrides(preset("debug"), [f"train.collective_timeout_s={value}"])
+
+
+def test_the_checkpoint_being_written_is_removed_and_a_complete_one_kept(tmp_path):
+    """What the lowest survivor does before its line (Trainer._remove_partial_checkpoint, the watchdog's cleanup)."""
+    from t2i_ds.trainer import checkpointing
+    from t2i_ds.trainer.trainer import Trainer
+
+    t = Trainer.__new__(Trainer)  # only the two attributes the cleanup reads
+    t.ckpt_root = tmp_path / "checkpoints"
+    done, partial = t.ckpt_root / "step_00000002", t.ckpt_root / "step_00000004"
+    for d in (done, partial):
+        d.mkdir(parents=True)
+        (d / "rank_00000.pt").write_bytes(b"x")
+    (done / checkpointing.MARKER).write_text("{}")
+    t.saving = partial
+    t._remove_partial_checkpoint()
+    assert not partial.exists() and done.is_dir()
+    t.saving = done  # a save that completed (marker written) before the node was lost is kept
+    t._remove_partial_checkpoint()
+    assert done.is_dir()
