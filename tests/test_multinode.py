@@ -8,7 +8,8 @@ In `make test` (each launch costs 15-30 s on two cores):
     checkpoint with both ranks' shards, one metrics file and one TensorBoard file, and records the nodes in plan.json;
   * a node SIGKILLed or SIGSTOPped (hung) mid-run ends the survivor within 2 x train.collective_timeout_s with one
     line naming the node and the last complete checkpoint, exit status 3, no partial checkpoint;
-  * a process group that cannot form (a node that never joins) ends with one line within the timeout.
+  * a process group that cannot form (a rank whose master never comes) ends with one line, exit status 2.
+The three failures run at once: their waits for the timeout overlap.
 Opt-in (T2I_DS_MULTINODE_ALL=1, marker `multinode_all`): torchrun --nnodes 2 (static and c10d rendezvous),
 `train.resume=auto` on the surviving node alone, and DeepSpeed's launcher given a wrong --node_rank.
 """
@@ -219,9 +220,10 @@ def lose_nodes(tmp_path: Path, sigs: list[int], steps: int = 1000) -> list[LostN
 
 
 @pytest.mark.slow
-def test_a_killed_and_a_hung_node_end_the_run_in_seconds_with_one_line(tmp_path):
+def test_a_killed_a_hung_and_a_missing_node_end_the_run_in_seconds_with_one_line(tmp_path):
     from t2i_ds.trainer import checkpointing
 
+    alone, port = start_rank_without_master(tmp_path)  # a third failure, waiting for its timeout meanwhile
     for r in lose_nodes(tmp_path, [signal.SIGKILL, signal.SIGSTOP]):
         text = r.survivor.text()
         print(f"{signal.Signals(r.sig).name}: line after {r.line_after:.1f} s, survivor ended after {r.exit_after:.1f} s:\n"
@@ -235,23 +237,24 @@ def test_a_killed_and_a_hung_node_end_the_run_in_seconds_with_one_line(tmp_path)
         assert r.line_after < 2 * TIMEOUT and r.exit_after < 2 * TIMEOUT
         partial = [p.name for p in (r.run / "checkpoints").glob("step_*") if not checkpointing.is_complete(p)]
         assert not partial  # nothing half-written left visible
+    assert_cannot_form_line(alone, port)
 
 
-@pytest.mark.slow
-@pytest.mark.multinode_all
-def test_a_process_group_that_cannot_form_ends_with_one_line(tmp_path):
-    """Rank 1 of 2 whose master never comes (a wrong master address or port, a node started alone): one line
-    within the timeout, not torch's DistNetworkError traceback."""
-    e = {**env(), "RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": HOSTS[0], "MASTER_PORT": str(free_port())}
+def start_rank_without_master(tmp_path: Path) -> tuple[Node, str]:
+    """Rank 1 of 2 whose master never comes (a wrong master address or port, a node started alone), timeout 2 s."""
+    port = str(free_port())
     cmd = [sys.executable, "-m", "t2i_ds.train", *DEBUG, "--set", "train.collective_timeout_s=2",
-           "--set", f"train.run_dir={tmp_path / 'run'}"]
-    start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
-    print(f"{time.monotonic() - start:.1f} s:", proc.stderr[-2000:])
-    (line,) = error_lines(proc.stderr)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"rank 1 of 2 could not join the process group at {HOSTS[0]}:{e['MASTER_PORT']} within " \
-           "train.collective_timeout_s=2" in line
+           "--set", f"train.run_dir={tmp_path / 'alone'}"]
+    extra = {"RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": HOSTS[0], "MASTER_PORT": port}
+    return Node(cmd, tmp_path / "alone", extra), port
+
+
+def assert_cannot_form_line(node: Node, port: str) -> None:
+    """One line (not torch's DistNetworkError traceback), exit status 2."""
+    assert node.wait(120) == 2, node.text()[-3000:]
+    (line,) = error_lines(node.text())
+    assert "Traceback" not in node.text()
+    assert f"rank 1 of 2 could not join the process group at {HOSTS[0]}:{port} within train.collective_timeout_s=2" in line
 
 
 # ---- opt-in: the other launchers and forms --------------------------------------------------------------
