@@ -160,16 +160,16 @@ def wait_for_step(run: Path, step: int, nodes: list[Node], timeout: float = 180)
 
 
 class LostNodeRun:
-    """Two DeepSpeed nodes training into `run`; `lose()` sends `sig` to all of node 1's processes once step 3 is
-    logged (a checkpoint every 2 steps), then the survivor (node 0) is timed until its line and its end."""
+    """Two DeepSpeed nodes training into `run`; `lose_after(3)` sends `sig` to all of node `lost`'s processes once
+    step 3 is logged (a checkpoint every 2 steps), then the survivor is timed until its line and its end."""
 
-    def __init__(self, tmp_path: Path, sig: int, steps: int = 1000):
+    def __init__(self, tmp_path: Path, sig: int, steps: int = 1000, lost: int = 1):
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.sig, self.run, port = sig, tmp_path / "run", free_port()
         args = [*DEBUG, "--set", f"train.steps={steps}", "--set", "train.ckpt_every=2", "--set", "train.record_samples=true",
                 "--set", f"train.collective_timeout_s={TIMEOUT}", "--set", f"train.run_dir={self.run}"]
         self.nodes = [Node(deepspeed_launch(i, port, args), tmp_path / f"node{i}") for i in range(2)]
-        self.survivor = self.nodes[0]
+        self.lost, self.survivor = lost, self.nodes[1 - lost]
         self.line_after = self.exit_after = None
 
     def lose_after(self, step: int) -> bool:
@@ -181,7 +181,7 @@ class LostNodeRun:
         if not ((self.run / "metrics.jsonl").is_file() and any(m["step"] >= step for m in metrics(self.run))):
             return False
         self.start = time.monotonic()
-        self.nodes[1].signal(self.sig)
+        self.nodes[self.lost].signal(self.sig)
         return True
 
     def poll(self) -> bool:
@@ -310,3 +310,25 @@ def test_a_wrong_node_rank_ends_with_one_line_within_the_timeout(tmp_path):
     finally:
         for n in nodes:
             n.signal(signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.multinode_all
+def test_losing_the_master_node_names_it(tmp_path):
+    """Node 0 hosts the rendezvous store (DeepSpeed's launcher: in rank 0's process): the survivor names node 0."""
+    from t2i_ds.trainer import checkpointing
+
+    run = LostNodeRun(tmp_path, signal.SIGKILL, lost=0)
+    try:
+        while not run.lose_after(3):
+            time.sleep(0.05)
+        while not run.poll():
+            time.sleep(0.05)
+    finally:
+        run.kill()
+    text = run.survivor.text()
+    print(f"line after {run.line_after:.1f} s, ended after {run.exit_after:.1f} s:", *text.splitlines()[-3:], sep="\n")
+    (line,) = error_lines(text)
+    newest = checkpointing.complete_checkpoints(run.run / "checkpoints")[-1]
+    assert line.startswith("t2i_ds.train: error: lost node 0 (host ") and f"is {newest} " in line
+    assert run.survivor.proc.returncode == 3 and run.exit_after < 2 * TIMEOUT

@@ -85,18 +85,19 @@ class Watchdog:
         store_down: float | None = None
         while not self._stop.wait(self.interval):
             now = time.monotonic()
-            try:
-                self.store.add(self.keys[self.rank], 1)
-                values = self._read()
-            except Exception:  # noqa: BLE001  (the store's node is gone or stopped)
-                store_down = store_down or now
+            if store_down is not None:  # a client whose connection broke never recovers it: wait, do not retry
                 if now - store_down > self.limit():
                     addr = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
                     self._lost(list(self.topology.nodes[0]), now - store_down,
                                f"the rendezvous store at {addr} it hosts stopped answering")
                     return
                 continue
-            store_down = None
+            try:
+                self.store.add(self.keys[self.rank], 1)
+                values = self._read()
+            except Exception:  # noqa: BLE001  (the store's node is gone or stopped; torch logs one warning)
+                store_down = now
+                continue
             for r, v in enumerate(values):
                 if v != seen[r]:
                     seen[r], changed[r] = v, now
