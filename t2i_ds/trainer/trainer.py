@@ -18,6 +18,10 @@ A run never lies and never loses work:
     to the next good step, and after `train.max_consecutive_skips` in a row stops without saving, naming the
     last good checkpoint. The step counter and the data advance over a skipped step, as DeepSpeed's own
     `global_steps` does; the LR schedule does not.
+  * A lost or hung node: `train.collective_timeout_s` bounds the process group's start and every collective, and
+    the heartbeat watchdog (t2i_ds.trainer.watchdog) ends the survivors with one line naming the node and the last
+    complete checkpoint, after removing the checkpoint being written; a collective that failed on the main thread
+    waits for that verdict instead of printing the backend's traceback.
 """
 
 from __future__ import annotations
