@@ -124,14 +124,24 @@ class Watchdog:
     def failed(self, error: BaseException) -> None:
         """The main thread's collective failed with `error`: if a peer is gone, the watchdog names it and ends
         the process (this call does not return); returns when every rank still beats (a real error: re-raise)."""
-        if not any(isinstance(e, RuntimeError) and not is_user_error(e) for e in _chain(error)):
-            return  # gloo, NCCL and store failures are RuntimeErrors (DistError); a known error is no node loss
+        if not any(is_comm_failure(e) for e in _chain(error)):
+            return  # a known (agreed) error or a bug of this rank: no node loss, re-raised at once
         self.peer_failed.set()  # a hung peer is silent for about the timeout already; a killed one gets 3 intervals
         self.thread.join(timeout=self.limit() + 2 * self.interval)
 
     def close(self) -> None:
         self._stop.set()
         self.thread.join(timeout=2 * self.interval + 1)
+
+
+def is_comm_failure(error: BaseException) -> bool:
+    """A collective or store failure: torch's DistError family (NCCL, store, network), or gloo's RuntimeError,
+    whose message names its source file (".../gloo/transport/tcp/pair.cc:553] Connection closed by peer")."""
+    import torch.distributed as dist
+
+    if is_user_error(error):
+        return False
+    return isinstance(error, getattr(dist, "DistError", ())) or (isinstance(error, RuntimeError) and "gloo" in str(error))
 
 
 def _chain(error: BaseException | None):
