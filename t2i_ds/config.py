@@ -210,6 +210,11 @@ class TrainConfig:
     max_consecutive_skips: int = 5
     """A step whose global gradient norm is not finite is skipped (no update, no scheduler advance, its data
     consumed); after this many skipped steps in a row the run stops, naming the last good checkpoint."""
+    collective_timeout_s: float = 300.0
+    """Seconds a rank waits for its peers: passed to torch.distributed's init (through DeepSpeed), so the process
+    group must form within it and every gloo or NCCL collective fails after it; the heartbeat watchdog ends the
+    run when a rank's heartbeat stops for this long (a hung node), naming the node (t2i_ds.trainer.watchdog).
+    Keep it above the longest wait of one rank for another (a checkpoint save, a universal conversion)."""
 
     def __post_init__(self) -> None:
         self.sample_captions = tuple(self.sample_captions)
@@ -225,6 +230,7 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), ">= 1")
         for name in ("ckpt_every", "probe_every", "sample_every", "stop_after_steps"):
             _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0 (0 disables)")
+        _require(self.collective_timeout_s > 0, "train.collective_timeout_s", self.collective_timeout_s, "> 0 seconds")
         _require(self.sample_cfg_scale >= 0, "train.sample_cfg_scale", self.sample_cfg_scale, ">= 0")
         _require(bool(self.resume), "train.resume", self.resume, "'auto', 'never' or a checkpoint directory")
         if not all(isinstance(c, str) for c in self.sample_captions):

@@ -13,6 +13,8 @@ damaged checkpoint with nothing to fall back to, a full disk) ends with one line
 With several ranks the line is the failing rank's, printed once by rank 0. A JIT build lock left by a killed
 build is removed with one line (the op is built again). A resume with nothing left to train (the checkpoint is
 at or past train.steps) says so in one line, exits 0 and leaves the run directory as it was.
+A node lost or hung mid-run (t2i_ds.trainer.watchdog) ends the survivors within train.collective_timeout_s with one
+line naming it and the last complete checkpoint, printed by the lowest surviving rank, and exit status 3.
 """
 
 from __future__ import annotations

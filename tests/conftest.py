@@ -28,11 +28,23 @@ import pytest  # noqa: E402
 NEOX_BPE = Path(__file__).resolve().parents[1] / "t2i_ds" / "assets" / "neox-20b-bpe.json"  # shipped with provenance note
 
 
+MULTINODE_ALL = "T2I_DS_MULTINODE_ALL"  # =1 runs the opt-in multi-node launches (tests/test_multinode.py says which)
+
+
+def pytest_configure(config):
+    # registered here, not in pyproject.toml: the venv's stamp depends on pyproject (a change rebuilds it)
+    config.addinivalue_line("markers", f"multinode_all: the further multi-node launches of tests/test_multinode.py "
+                                       f"(torchrun, c10d, resume on the surviving node, launcher misuse); {MULTINODE_ALL}=1")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_multinode = pytest.mark.skip(reason=f"opt-in multi-node launch: set {MULTINODE_ALL}=1")
     for item in items:
         if "requires_cuda" in item.keywords and not _HAS_CUDA:
             item.add_marker(skip_cuda)
+        if "multinode_all" in item.keywords and os.environ.get(MULTINODE_ALL) != "1":
+            item.add_marker(skip_multinode)
 
 
 @pytest.fixture(scope="session")

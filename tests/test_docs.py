@@ -12,6 +12,9 @@ Checks, by program:
 - `python -m t2i_ds.X`: the command's `parse_args`; the same `--dry-run` for train; other modules must import;
 - `make X [VAR=value]`: `make -n` of it succeeds; `tensorboard`: the package is installed;
 - `pip install ...`: pip's own option parser, and every `-r` file and `-e` project exists in the repository.
+- `sbatch scripts/slurm/X ARGS`: the script exists and ARGS are a valid train command (the template passes them on).
+The cluster templates themselves (scripts/) are checked below: bash can read them, DeepSpeed reads the hostfile
+example, and tests/test_multinode.py runs the SLURM template's per-node body on two loopback "nodes".
 A block preceded by `<!-- doc-test: run ARGS -->` is also run for real on CPU, with ARGS appended (`{tmp}` is a
 fresh directory). Any other program fails the test: a new kind of command needs a check here.
 """
@@ -157,6 +160,10 @@ def check(cmd: Command) -> None:
         assert not missing, f"pip install names files the repository does not have: {missing}"
     elif prog == "tensorboard":
         assert importlib.util.find_spec("tensorboard") is not None
+    elif prog == "sbatch":  # our batch scripts pass their arguments to the train command
+        script, *args = rest
+        assert (ROOT / script).is_file() and script.startswith("scripts/slurm/"), f"no batch script {script}"
+        check_module_args("t2i_ds.train", args)
     else:
         raise AssertionError(f"no check knows the program {prog!r}: add one to tests/test_docs.py")
 
@@ -192,6 +199,20 @@ def test_documented_command(cmd, tmp_path):
         run_for_real(cmd, tmp_path)
 
 
+@pytest.mark.parametrize("script", sorted((ROOT / "scripts" / "slurm").iterdir()), ids=lambda p: p.name)
+def test_cluster_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "--module t2i_ds.train" in script.read_text() or "scripts/slurm/node.sh" in script.read_text()
+
+
+def test_hostfile_example_is_read_by_deepspeed():
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    hosts = fetch_hostfile(str(ROOT / "scripts" / "hostfile.example"))
+    assert len(hosts) == 8 and set(hosts.values()) == {8}
+
+
 @pytest.mark.parametrize("text, problem", [
     ("deepspeed --num_gpus 8 -m t2i_ds.train --ds_config ds_configs/zero2.json", "rejects"),
     ("deepspeed --num_gpus 8 t2i_ds.train --ds_config ds_configs/zero2.json", "without --module"),
@@ -205,6 +226,8 @@ def test_documented_command(cmd, tmp_path):
     ("pip install --require-hashes -r requirements/nosuch.lock", "does not have"),
     ("pip install --no-such-flag -r requirements/gpu.lock", "rejects"),
     ("wget https://example.com/weights.pt", "no check knows"),
+    ("sbatch scripts/slurm/nosuch.sbatch --ds_config ds_configs/zero2.json", "no batch script"),
+    ("sbatch scripts/slurm/train.sbatch --ds_config ds_configs/zero2.json --set nosuch.field=1", "dry-run"),
 ])
 def test_a_broken_command_fails(text, problem, tmp_path):
     """The checker itself: each of these broken documentation lines must be caught, naming the problem."""

@@ -261,6 +261,19 @@ def test_a_killed_jit_build_lock_is_removed_and_the_op_rebuilt(tmp_path, monkeyp
     baton.release()
 
 
+def test_a_build_lock_released_while_looked_at_is_not_stale(tmp_path, monkeypatch):
+    """Torch closes a finished build's lock, then removes it: a rank checking in between (another rank of the same
+    launch loading its op) looks again before calling it stale."""
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_bytes(b"")  # closed, not yet removed
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(jit_cache.time, "sleep", lambda s: lock.unlink())  # ... and removed while we wait
+    monkeypatch.delenv("CROSS_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert jit_cache.check_build_locks(warn=pytest.fail) == []  # nothing called stale, nothing said
+
+
 def test_entry_point_keeps_the_jit_cache_in_this_environment(monkeypatch, capsys):
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     assert train.main([*DEBUG, "--dry-run"]) == 0

@@ -54,7 +54,7 @@ def losses(run_dir: Path, key: str = "loss/total") -> dict[int, float]:
 DEBUG_STEPS = 6
 DEBUG_RUNS = {
     "single": (DS_ZERO2, 1, []),
-    "zero2_x2": (DS_ZERO2, 2, []),
+    "zero2_x2": (DS_ZERO2, 2, ["--set", "train.record_samples=true"]),  # the reference of tests/test_multinode.py
     "zero3_x2": (DS_ZERO3, 2, []),
     "zero3_x2_ckpt": (DS_ZERO3, 2, ["--set", "model.grad_checkpointing=true"]),  # recompute must not change the math
 }
@@ -111,3 +111,13 @@ def zero_checkpoint_state(ckpt: Path, key: str) -> dict:
         out[name] = flat[offset : offset + shape.numel()].view(shape)
         offset += shape.numel()
     return out
+
+
+def sample_ids(run_dir: Path) -> dict[int, list[str]]:
+    """step -> the sorted sample ids every rank trained on (train.record_samples)."""
+    out: dict[int, list[str]] = {}
+    for path in sorted((Path(run_dir) / "samples").glob("rank_*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            out.setdefault(row["step"], []).extend(row["ids"])
+    return {step: sorted(ids) for step, ids in sorted(out.items())}

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 ENV = "TORCH_EXTENSIONS_DIR"
+RECHECK_S = 0.5  # a lock seen unheld is looked at again after this long before it is called stale
 
 
 def use_own_cache() -> str:
@@ -82,6 +84,9 @@ def check_build_locks(warn=print) -> list[Path]:
     found = {p: _inode(p) for p in locks}
     held = _holders(locks)
     stale = [p for p in locks if Path(os.path.realpath(p)) not in held]
+    if stale:  # look again: a build that ended between the listing and the scan (torch closes the lock, then
+        time.sleep(RECHECK_S)  # removes it), as another rank of this launch loads its op, is no stale lock
+        stale = [p for p in stale if p.is_file() and Path(os.path.realpath(p)) not in _holders([p])]
     if not _single_node():
         for p in stale:
             warn(f"[t2i_ds] warning: {p} is a JIT build lock that no process on this node holds: a build on another "

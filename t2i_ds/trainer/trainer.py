@@ -20,14 +20,20 @@ A run never lies and never loses work:
     to the next good step, and after `train.max_consecutive_skips` in a row stops without saving, naming the
     last good checkpoint. The step counter and the data advance over a skipped step, as DeepSpeed's own
     `global_steps` does; the LR schedule does not.
+  * A lost or hung node: `train.collective_timeout_s` bounds the process group's start and every collective, and
+    the heartbeat watchdog (t2i_ds.trainer.watchdog) ends the survivors with one line naming the node and the last
+    complete checkpoint, after removing the checkpoint being written; a collective that failed on the main thread
+    waits for that verdict instead of printing the backend's traceback.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -36,7 +42,7 @@ import torch.distributed as dist
 from t2i_ds.atomic import atomic_write_text
 from t2i_ds.config import Config, ConfigError
 from t2i_ds.provenance import git_revision
-from t2i_ds.trainer import checkpointing, jit_cache, rundir
+from t2i_ds.trainer import checkpointing, jit_cache, rundir, topology
 from t2i_ds.trainer.agree import Agreement
 from t2i_ds.trainer.batching import BatchPlan, resolve_batch, resolve_ds_config
 from t2i_ds.trainer.comms import CommsWindow, logger_enabled
@@ -44,11 +50,19 @@ from t2i_ds.trainer.flops import flops_per_token, modality_positions, peak_flops
 from t2i_ds.trainer.metrics import MetricWindow, TensorBoard, loss_metrics, memory_metrics, modality_metrics
 from t2i_ds.trainer.parallelize import (build_initialised_model, resident_parameter_elements, restore_torch_linear,
                                        wrap_with_deepspeed)
+from t2i_ds.trainer.watchdog import Watchdog
 from t2i_ds.vocab import IGNORE
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Start (or join) the process group; works under the DeepSpeed launcher or as a single process."""
+class ProcessGroupError(RuntimeError):
+    """The process group did not form (a node missing, a wrong --node_rank or --num_nodes, the master unreachable)."""
+
+    user_error = True
+
+
+def init_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
+    """Start (or join) the process group; works under the DeepSpeed launcher, torchrun or as a single process.
+    `timeout_s` (train.collective_timeout_s) bounds the wait for every rank to join and every later collective."""
     import deepspeed
 
     jit_cache.use_own_cache()
@@ -58,7 +72,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    except Exception as e:  # noqa: BLE001  (store timeout, address in use, connection refused: one line)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ProcessGroupError(
+            f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} could not join the process group at "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within train.collective_timeout_s={timeout_s:g}: "
+            f"{first} (every node needs the same hostfile/--num_nodes and master address and port, and its own "
+            "--node_rank)") from e
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -105,11 +127,20 @@ class Trainer:
     def __init__(self, cfg: Config, user_ds_config: dict):
         self.lock: rundir.RunLock | None = None
         self.tb: TensorBoard | None = None
+        self.watchdog: Watchdog | None = None
+        self.saving: Path | None = None  # the checkpoint directory being written
         try:
             self._setup(cfg, user_ds_config)
-        except BaseException:
+        except BaseException as e:
+            self._failed(e)
             self.close()  # a failed start leaves the run directory free and the process as it found it
             raise
+
+    def _failed(self, error: BaseException) -> None:
+        """A collective that failed because a node is gone ends here, with the watchdog's one line."""
+        if self.watchdog is not None:
+            self.watchdog.failed(error)
+            self.watchdog.close()
 
     def _setup(self, cfg: Config, user_ds_config: dict) -> None:
         self.cfg = cfg
@@ -123,9 +154,13 @@ class Trainer:
         self.ds_config = resolve_ds_config(user_ds_config, self.plan, cfg.optim.grad_clip, torch.cuda.is_available())
         self.steps = total_steps(cfg, self.plan)
         self.resume_from, self.config_changes = self._preflight()
-        self.rank, self.world, self.device = init_distributed()
+        self.rank, self.world, self.device = init_distributed(t.collective_timeout_s)
         self.agree = Agreement(self.rank, self.world)
         self.lock, self.run_id = self._take_run_dir()
+        self.topology = topology.gather(self.world)
+        if self.world > 1:  # a lost or hung node ends the run within seconds, naming it
+            self.watchdog = Watchdog(self.rank, self.topology, t.collective_timeout_s, self._last_checkpoint,
+                                     self._remove_partial_checkpoint)
         self.data = self._agreed(self._make_data)  # before the model: a bad data path fails fast
         model = self._agreed(lambda: build_initialised_model(cfg, self.vocab, self.ds_config))  # ZeRO-3: partitioned
         self.param_elements_per_rank = self._gather_ints(resident_parameter_elements(model))
@@ -206,6 +241,17 @@ class Trainer:
             return
         moved = self._agreed(lambda: [checkpointing.move_aside(p, why) for p, why in self.damaged] if self.rank == 0 else [])
         self.log(f"{self._damaged_text(moved)}: resuming from the previous complete checkpoint {self.resume_from.name}")
+
+    def _last_checkpoint(self) -> str:
+        kept = checkpointing.complete_checkpoints(self.ckpt_root, self.run_id)
+        if not kept:
+            return "this run has no complete checkpoint yet"
+        return f"the last complete checkpoint is {kept[-1]} (resume with train.resume=auto)"
+
+    def _remove_partial_checkpoint(self) -> None:
+        """The directory of a save cut off by a lost node (never a complete checkpoint)."""
+        if self.saving is not None and not checkpointing.is_complete(self.saving):
+            shutil.rmtree(self.saving, ignore_errors=True)
 
     def _agreed(self, fn):
         """fn() on every rank; a failure on any rank ends every rank with its message."""
@@ -305,6 +351,7 @@ class Trainer:
             "global_batch": p.global_batch, "tokens_per_step": p.tokens_per_step, "steps": self.steps,
             "trainable_params": self.freeze_report.trainable, "total_params": self.freeze_report.total,
             "param_elements_per_rank": self.param_elements_per_rank,  # held after construction (ZeRO-3: partitions)
+            **self.topology.plan(),  # nodes, ranks per node, hosts, master address
         }
         atomic_write_text(self.run_dir / "plan.json", json.dumps(summary, indent=2))
         self.tb.text("config", "```\n" + json.dumps(self.cfg.to_dict(), indent=2, default=str) + "\n```", 0)
@@ -339,8 +386,9 @@ class Trainer:
             self.log("config changed since the checkpoint: " + "; ".join(self.config_changes))
 
     def log(self, msg: str) -> None:
+        """Global rank 0's log line; with several ranks it says so (each node's launcher prints its own ranks)."""
         if self.rank == 0:
-            print(f"[t2i_ds] {msg}", flush=True)
+            print(f"[t2i_ds rank 0] {msg}" if self.world > 1 else f"[t2i_ds] {msg}", flush=True)
 
     # ---- one optimizer step --------------------------------------------------------------------
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -456,8 +504,10 @@ class Trainer:
     def save(self) -> None:
         client = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped}
         rank_state = {"data": self.data.state_dict()}
+        self.saving = self.ckpt_root / checkpointing.tag_for(self.step)  # removed by the watchdog if a node is lost
         path = checkpointing.save(self.engine, self.ckpt_root, self.step, client, rank_state, self.cfg.train.keep_last,
                                   self.rank, self.world, self.run_id, self.agree)
+        self.saving = None  # (kept after a failed save: the watchdog may still have to remove it)
         self.last_saved, self.save_pending = self.step, False
         self.log(f"checkpoint {path}")
 
@@ -484,6 +534,13 @@ class Trainer:
             self.tb.text("samples/captions", "\n\n".join(t.sample_captions), self.step)
 
     def fit(self) -> dict[str, float]:
+        try:
+            return self._fit()
+        except BaseException as e:
+            self._failed(e)
+            raise
+
+    def _fit(self) -> dict[str, float]:
         self.engine.train()
         self.first_step = self.step
         last: dict[str, float] = {}
@@ -523,8 +580,10 @@ class Trainer:
             self.save()
 
     def close(self) -> None:
-        """Release what the trainer holds: event files, the run-directory lock, ZeRO-3's process-wide swap of
-        torch.nn.functional.linear, the process group. Safe to call twice."""
+        """Release what the trainer holds: the watchdog, event files, the run-directory lock, ZeRO-3's process-wide
+        swap of torch.nn.functional.linear, the process group. Safe to call twice."""
+        if self.watchdog is not None:
+            self.watchdog.close()
         if self.tb is not None:
             self.tb.close()
         if self.lock is not None:
