@@ -38,8 +38,13 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an open_lm checkpoint (.pt with or without "state_dict", or .safetensors), prefixes stripped."""
+    """Read an open_lm checkpoint (.pt with or without "state_dict", or .safetensors), prefixes stripped, or a
+    transformers directory of this architecture (t2i_ds.model.hf: StableLm / Llama keys mapped to open_lm's)."""
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        from t2i_ds.model.hf import read_hf
+
+        return read_hf(path)[0]
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
