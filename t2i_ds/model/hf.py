@@ -109,7 +109,8 @@ def _layer_map(i: int) -> list[tuple[str, str]]:
 
 def to_hf_state_dict(sd: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """open_lm state dict -> transformers keys (in_proj and w12 split; inv_freq dropped; zero biases added for a
-    gain-only LayerNorm). Every value is a contiguous tensor of its own (safetensors stores no shared storage)."""
+    gain-only LayerNorm). The split pieces are copies (safetensors stores no two tensors over one storage); the
+    other tensors are the input's own (no copy)."""
     arch = hf_architecture(args)
     d, hid = args.dim, args.ffn_hidden
     out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
@@ -121,15 +122,16 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[st
         q, k, v = sd[p + "attention.in_proj.weight"].split(d, dim=0)  # 3 x (d, d)
         gate, up = sd[p + "feed_forward.w12.weight"].split(hid, dim=0)  # 2 x (hidden, d)
         h = f"model.layers.{i}."
-        out.update({h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k, h + "self_attn.v_proj.weight": v,
-                    h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up})
+        pieces = {h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k, h + "self_attn.v_proj.weight": v,
+                  h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up}
+        out.update({name: t.clone() for name, t in pieces.items()})
         pairs += _layer_map(i)
     for o, h in pairs:
         if o in sd:
             out[h] = sd[o]
         elif o.endswith(".bias") and arch == "stablelm":  # gain-only LayerNorm: StableLm's bias is zero
             out[h] = torch.zeros_like(sd[o[: -len("bias")] + "weight"])
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
 def from_hf_state_dict(hf: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
