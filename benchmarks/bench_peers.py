@@ -165,22 +165,28 @@ def bench_limit(a, env: dict) -> list[dict]:
     return rows
 
 
-def same_shape_step(args, rows: int, head_rows: int):
-    """(step, flops): one forward's linear layers alone at `rows` rows (one layer's weights, n_layers times; the head
-    over `head_rows` output rows), the matmul work the model's own shapes give on this machine."""
+def same_shape_step(args, rows: int | list[int], head_rows: int, sampled: int | None = None):
+    """(step, flops): the linear layers of forwards over `rows` rows each (a list: one forward per entry, e.g. a
+    prefill then every decode step; one layer's weights n_layers times), and the head (`head_rows` output rows) over
+    the `sampled` rows of each forward (default: all of them): the matmul work of the model's own shapes alone,
+    which bounds what the model can reach on this machine."""
     d, h = args.dim, args.ffn_hidden
     shapes = [(3 * d, d), (d, d), (2 * h, d), (d, h)]
     ws = [torch.randn(n, k) for n, k in shapes]
     head = torch.randn(head_rows, d)
-    xs = {k: torch.randn(rows, k) for k in {d, h}}
+    counts = [rows] if isinstance(rows, int) else list(rows)
+    xs = {m: {k: torch.randn(m, k) for k in {d, h}} for m in set(counts)}
+    last = {m: xs[m][d][: min(m, sampled or m)] for m in xs}  # the rows the head sees
 
     def step():
-        for _ in range(args.n_layers):
-            for w in ws:
-                F.linear(xs[w.shape[1]], w)
-        F.linear(xs[d], head)
+        for m in counts:
+            for _ in range(args.n_layers):
+                for w in ws:
+                    F.linear(xs[m][w.shape[1]], w)
+            F.linear(last[m], head)
 
-    return step, 2 * rows * (args.n_layers * sum(n * k for n, k in shapes) + head_rows * d)
+    layer = args.n_layers * sum(n * k for n, k in shapes)
+    return step, 2 * sum(m * layer + last[m].shape[0] * head_rows * d for m in counts)
 
 
 def same_shape_gflops(args, rows: int, head_rows: int, repeats: int) -> float:
@@ -242,7 +248,9 @@ def bench_generate(a, env: dict, tmp: Path) -> list[dict]:
             }
             codes = {c: run[c]() for c in GEN_CONTESTANTS}  # warm-up (builds the sampling op) and the codes
             flops = {c: count_flops(run[c]) for c in GEN_CONTESTANTS}
-            mm_step, mm_flops = same_shape_step(model.args, 2 * batch, vocab.image_size)  # a decode step's matmuls
+            prompt = max(len(vocab.prompt(c)) for c in caps)  # the prefill: 2b rows of the padded prompt, then
+            steps = [2 * batch * prompt] + [2 * batch] * (vocab.image_tokens - 1)  # one 2b-row forward per code
+            mm_step, mm_flops = same_shape_step(model.args, steps, vocab.image_size, 2 * batch)  # the decode's matmuls
             run["matmuls"] = mm_step
             mm_step()
             times = {c: [] for c in run}

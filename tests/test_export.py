@@ -1,5 +1,7 @@
-"""Export: a ZeRO-3 checkpoint becomes an open_lm checkpoint equal to what DeepSpeed's own converter gives."""
+"""Export: a ZeRO-3 checkpoint becomes an open_lm checkpoint equal to what DeepSpeed's own converter gives, or a
+transformers directory of the same tensors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -54,6 +56,11 @@ def test_zero3_checkpoint_exports_what_zero_to_fp32_gives(debug_run, tmp_path):
     assert type(hf).__name__ == "StableLmForCausalLM" and torch.equal(w["lm_head.weight"], ref["output.weight"])
     assert torch.equal(w["model.layers.1.mlp.gate_proj.weight"], ref["layers.1.feed_forward.w12.weight"][:256])
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf")).encode("a cat") == [66, 5798]  # NeoX
+
+    assert export_main(["--run-dir", str(run), "--out", str(tmp_path / "hf_text"), "--text-rows-only"]) == 0
+    text_cfg = json.loads((tmp_path / "hf_text" / "config.json").read_text())
+    assert text_cfg["vocab_size"] == 300 and "vocab" not in text_cfg["t2i_ds"]  # a text LM: no image vocabulary
+    assert torch.equal(read_state_dict(tmp_path / "hf_text")["output.weight"], ref["output.weight"][:300])
 
     assert export_main(["--run-dir", str(run), "--out", str(tmp_path / "t.pt"), "--text-rows-only"]) == 0
     text = read_state_dict(tmp_path / "t.pt")
