@@ -462,28 +462,13 @@ def open_lm_tensors(args, seed: int = 0):
 
 
 def hf_tensors(args, seed: int = 0):
-    """(name, shape, fill) under transformers' names (the names and shapes t2i_ds.model.hf.to_hf_state_dict gives)."""
+    """(name, shape, fill) under transformers' names: t2i_ds.model.hf.to_hf_state_dict over a meta state dict."""
+    from t2i_ds.model.hf import to_hf_state_dict
+
     meta = {n: torch.empty(s, device="meta") for n, s, _ in open_lm_tensors(args, seed)}
     g = torch.Generator().manual_seed(seed)
     fill = lambda shape: torch.randn(*shape, generator=g) * 0.02  # noqa: E731
-    return [(k, tuple(v.shape), fill) for k, v in to_hf_state_dict_meta(meta, args).items()]
-
-
-def to_hf_state_dict_meta(sd, args):
-    """to_hf_state_dict's names and shapes from a meta state dict (without splitting any real tensor)."""
-    import t2i_ds.model.hf as hf
-
-    d, h = args.dim, args.ffn_hidden
-    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-           "model.norm.bias": sd["norm.bias"], "lm_head.weight": sd["output.weight"]}
-    for i in range(args.n_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        for x in "qkv":
-            out[q + f"self_attn.{x}_proj.weight"] = torch.empty(d, d, device="meta")
-        out[q + "mlp.gate_proj.weight"] = out[q + "mlp.up_proj.weight"] = torch.empty(h, d, device="meta")
-        for o, t in hf._layer_map(i):
-            out[t] = sd[o]
-    return out
+    return [(k, tuple(v.shape), fill) for k, v in to_hf_state_dict(meta, args).items()]
 
 
 def child_load(contestant: str, spec: dict) -> dict:

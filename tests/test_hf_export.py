@@ -8,7 +8,7 @@ import torch
 
 from t2i_ds.model import Transformer
 from t2i_ds.model.args import ModelArgs
-from t2i_ds.model.checkpoint import load_into, read_state_dict
+from t2i_ds.model.checkpoint import load_into
 from t2i_ds.model.hf import NotExportable, hf_generate_codes, model_args_from_hf, read_hf, save_hf
 from t2i_ds.sampling import generate_images
 from t2i_ds.vocab import SPECIAL_NAMES, tiny_vocab

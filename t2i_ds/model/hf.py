@@ -131,7 +131,7 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[st
             out[h] = sd[o]
         elif o.endswith(".bias") and arch == "stablelm":  # gain-only LayerNorm: StableLm's bias is zero
             out[h] = torch.zeros_like(sd[o[: -len("bias")] + "weight"])
-    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+    return {k: v if v.is_meta else v.detach().to("cpu").contiguous() for k, v in out.items()}  # meta: names, shapes
 
 
 def from_hf_state_dict(hf: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
