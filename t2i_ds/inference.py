@@ -16,7 +16,7 @@ import torch
 
 from t2i_ds.config import Config, from_dict
 from t2i_ds.model import Transformer
-from t2i_ds.model.checkpoint import load_into
+from t2i_ds.model.checkpoint import build_loaded
 from t2i_ds.trainer.checkpointing import complete_checkpoints, find_resume, is_complete
 from t2i_ds.trainer.parallelize import model_args
 from t2i_ds.vocab import Vocab
@@ -52,12 +52,11 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_for_inference(run_dir: str | Path, checkpoint: str | None = None, device: str = "cpu") -> tuple[Transformer, Vocab, Config]:
-    """The trained model (eval mode) with its Vocab and Config."""
+    """The trained model (eval mode) with its Vocab and Config; built without a random init (build_loaded)."""
     cfg = run_config(run_dir)
     vocab = cfg.vocab.build()
     args = model_args(cfg, vocab).replace(loss_impl="torch" if device == "cpu" else "auto")
-    model = Transformer(args, vocab.modality_bounds)
-    load_into(model, consolidated_state_dict(checkpoint_dir(run_dir, checkpoint)))
+    model = build_loaded(args, vocab.modality_bounds, consolidated_state_dict(checkpoint_dir(run_dir, checkpoint)))
     return model.to(device).eval(), vocab, cfg
 
 

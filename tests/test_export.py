@@ -1,5 +1,7 @@
-"""Export: a ZeRO-3 checkpoint becomes an open_lm checkpoint equal to what DeepSpeed's own converter gives."""
+"""Export: a ZeRO-3 checkpoint becomes an open_lm checkpoint equal to what DeepSpeed's own converter gives, or a
+transformers directory of the same tensors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from t2i_ds.export import main as export_main
+from t2i_ds.export import main as export_main, output_format
 from t2i_ds.model.checkpoint import read_state_dict
 from tests.trainer_utils import DEBUG_STEPS, env
 
@@ -45,6 +47,21 @@ def test_zero3_checkpoint_exports_what_zero_to_fp32_gives(debug_run, tmp_path):
     init = build_initialised_model(cfg, cfg.vocab.build())
     assert not torch.equal(init.output.weight, sd["output.weight"])
 
+    # a directory: the transformers checkpoint, the same tensors under StableLm's names
+    import transformers
+
+    assert export_main(["--run-dir", str(run), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    w = dict(hf.named_parameters())
+    assert type(hf).__name__ == "StableLmForCausalLM" and torch.equal(w["lm_head.weight"], ref["output.weight"])
+    assert torch.equal(w["model.layers.1.mlp.gate_proj.weight"], ref["layers.1.feed_forward.w12.weight"][:256])
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf")).encode("a cat") == [66, 5798]  # NeoX
+
+    assert export_main(["--run-dir", str(run), "--out", str(tmp_path / "hf_text"), "--text-rows-only"]) == 0
+    text_cfg = json.loads((tmp_path / "hf_text" / "config.json").read_text())
+    assert text_cfg["vocab_size"] == 300 and "vocab" not in text_cfg["t2i_ds"]  # a text LM: no image vocabulary
+    assert torch.equal(read_state_dict(tmp_path / "hf_text")["output.weight"], ref["output.weight"][:300])
+
     assert export_main(["--run-dir", str(run), "--out", str(tmp_path / "t.pt"), "--text-rows-only"]) == 0
     text = read_state_dict(tmp_path / "t.pt")
     for k in ("tok_embeddings.weight", "output.weight"):
@@ -63,6 +80,15 @@ def test_run_files_are_readable_like_any_file(debug_run):
     bad = {str(p.relative_to(run)): oct(p.stat().st_mode & 0o777) for p in files
            if p.stat().st_mode & 0o666 != 0o666 & ~umask}
     assert bad == {}
+
+
+def test_format_follows_the_output_name():
+    assert output_format("m.safetensors", "auto") == "open_lm" and output_format("m.pt", "auto") == "open_lm"
+    assert output_format("out/hf_model", "auto") == "hf" and output_format("out/hf_model", "hf") == "hf"
+    with pytest.raises(ValueError, match="writes a directory"):
+        output_format("m.safetensors", "hf")
+    with pytest.raises(ValueError, match="writes a file"):
+        output_format("out/dir", "open_lm")
 
 
 def test_missing_run_is_a_clear_error(tmp_path, capsys):

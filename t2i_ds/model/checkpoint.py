@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from t2i_ds.atomic import atomic_open, atomic_path
-from t2i_ds.model.layers import trunc_normal_
+from t2i_ds.model.args import ModelArgs
+from t2i_ds.model.layers import RotaryEmbedding, trunc_normal_
 from t2i_ds.vocab import SPECIAL_NAMES, Vocab
 
 PREFIXES = ("module.", "_orig_mod.")
@@ -38,8 +39,13 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an open_lm checkpoint (.pt with or without "state_dict", or .safetensors), prefixes stripped."""
+    """Read an open_lm checkpoint (.pt with or without "state_dict", or .safetensors), prefixes stripped, or a
+    transformers directory of this architecture (t2i_ds.model.hf: StableLm / Llama keys mapped to open_lm's)."""
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        from t2i_ds.model.hf import read_hf
+
+        return read_hf(path)[0]
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
@@ -91,6 +97,33 @@ def checked_state_dict(
 def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Strict load with one error listing missing, unexpected and mis-shaped keys."""
     model.load_state_dict(checked_state_dict(model, state_dict), strict=True)
+
+
+def build_loaded(args: ModelArgs, modality_bounds: tuple[int, ...], state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The Transformer holding `state_dict`'s tensors, built without any random init (for inference and export).
+
+    The model is constructed on the meta device (no allocation, no random draws: neither open_lm's init nor the
+    default init of nn.Linear / nn.Embedding), checked strictly as `load_into` does, and the tensors are assigned
+    (`load_state_dict(assign=True)`), not copied: a memory-mapped .safetensors stays mapped, so loading costs one
+    copy of the weights at most (a tensor of another dtype is converted to the model's). Training from scratch
+    builds with `build_model` (which initialises); this is only for weights that exist.
+    """
+    from t2i_ds.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args, modality_bounds, init=False)
+    own = model.state_dict(keep_vars=True)
+    sd = checked_state_dict(model, state_dict)
+    for k, v in sd.items():
+        if v.is_meta:  # a buffer the checkpoint lacks (a rotary inv_freq): the model's own value, computed
+            if not k.endswith(".inv_freq"):
+                raise CheckpointMismatch(f"{k}: not in the checkpoint and not computable")
+            v = RotaryEmbedding.frequencies(args.head_dim, args.rotary_theta)
+        sd[k] = v.to(own[k].dtype) if v.is_floating_point() else v
+    model.load_state_dict(sd, strict=True, assign=True)
+    if args.weight_tying:  # assign replaced both tensors: tie them again, as the constructor did
+        model.tok_embeddings.weight = model.output.weight
+    return model
 
 
 def new_rows(old: torch.Tensor, n_new: int, init: str, generator: torch.Generator | None = None) -> torch.Tensor:

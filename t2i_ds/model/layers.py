@@ -100,9 +100,13 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, by_head: bool):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq)  # (D/2,)
+        self.register_buffer("inv_freq", self.frequencies(head_dim, theta))  # (D/2,)
         self.by_head = by_head
+
+    @staticmethod
+    def frequencies(head_dim: int, theta: float, device: torch.device | str | None = None) -> torch.Tensor:
+        """inv_freq (D/2,) fp32: theta ** (-2i / D)."""
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
 
     def _cos_sin(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # t: float32 positions of any shape (...,) -> cos, sin (..., D)

@@ -65,7 +65,7 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
                 steps.append(constant_step(m.weight, 1.0))
-                if m.bias is not None:
+                if getattr(m, "bias", None) is not None:  # nn.RMSNorm has no bias attribute
                     steps.append(constant_step(m.bias, 0.0))
         return steps
 

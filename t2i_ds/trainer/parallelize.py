@@ -40,12 +40,16 @@ def model_args(cfg: Config, vocab: Vocab):
 
 
 def pretrained_state(cfg: Config, vocab: Vocab, dim: int) -> dict:
-    """The open_lm checkpoint's state dict with its vocabulary extended to vocab.size rows."""
+    """The open_lm checkpoint's state dict with its vocabulary extended to vocab.size rows (a text LM: text_size
+    rows), or as it is when it already has vocab.size rows (a t2i model, e.g. an exported transformers directory)."""
     sd = read_state_dict(cfg.init.checkpoint)
     rows_in_ckpt = sd["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in sd else -1
+    if rows_in_ckpt == vocab.size and cfg.init.new_rows == "random":
+        return sd  # every row trained already: nothing to extend
     if rows_in_ckpt != vocab.text_size:
         raise ConfigError(
             f"init.checkpoint={cfg.init.checkpoint} has {rows_in_ckpt} embedding rows but vocab.text_size={vocab.text_size}"
+            + (f" (or vocab.size={vocab.size} with init.new_rows=random)" if rows_in_ckpt == vocab.size else "")
         )
     rows = None
     if cfg.init.new_rows == "aligned":
