@@ -48,13 +48,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hf: transformers directory; open_lm: .pt ({'state_dict': ...}) or .safetensors; "
                         "auto (default): by --out's suffix")
     p.add_argument("--text-rows-only", action="store_true", help="drop image and special rows (a text LM)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    try:
+        a.format = output_format(a.out, a.format)  # auto resolved; a contradiction is a usage error
+    except ValueError as e:
+        p.error(str(e))
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
-        fmt = output_format(a.out, a.format)
+        fmt = a.format
         cfg = run_config(a.run_dir)
         ckpt = checkpoint_dir(a.run_dir, a.checkpoint)  # verified against its manifest
         sd = consolidated_state_dict(ckpt)

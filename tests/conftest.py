@@ -4,7 +4,6 @@ No CUDA query happens at import time of project code; only here, once, for marke
 """
 
 import os
-import sys
 from pathlib import Path
 
 # Triton kernels run on CPU tensors through the interpreter when there is no GPU. This must be set
@@ -20,8 +19,10 @@ if not _HAS_CUDA:
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _HAS_CUDA else os.environ.get("DS_ACCELERATOR", "cuda"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DeepSpeed JIT-builds its CPU communication op: keep the build cache inside this virtual environment, so two
-# environments never rebuild (or wait on) each other's op.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+# environments never rebuild (or wait on) each other's op, and build with this environment's ninja (jit_cache).
+from t2i_ds.trainer.jit_cache import use_own_cache  # noqa: E402
+
+use_own_cache()
 
 import pytest  # noqa: E402
 

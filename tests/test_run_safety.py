@@ -148,7 +148,8 @@ def _export_parse(argv):
     (_align_parse, "t2i_ds.paper.align", ["--lr", "abc"], "argument --lr: 'abc' is not a number"),
     (_prepare_parse, "t2i_ds.prepare", ["--image-tokenizer", "movqgan:m", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
     (_prepare_parse, "t2i_ds.prepare", ["--image-tokenizer", "nokind:m"], "unknown image tokenizer kind 'nokind'"),
-    (_export_parse, "t2i_ds.export", ["--out", "model.bin"], "model.bin must end in .pt"),
+    (_export_parse, "t2i_ds.export", ["--format", "open_lm", "--out", "model.bin"], "model.bin must end in .pt"),
+    (_export_parse, "t2i_ds.export", ["--format", "hf", "--out", "model.pt"], "model.pt must not end in .pt"),
 ])
 def test_command_arguments_are_checked(capsys, parse, prog, argv, expect):
     with pytest.raises(SystemExit) as exit_:
@@ -278,6 +279,22 @@ def test_entry_point_keeps_the_jit_cache_in_this_environment(monkeypatch, capsys
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     assert train.main([*DEBUG, "--dry-run"]) == 0
     assert os.environ["TORCH_EXTENSIONS_DIR"] == os.path.join(sys.prefix, "torch_extensions")
+
+
+def test_jit_builds_use_this_environments_ninja(monkeypatch):
+    """torch runs the first `ninja` on PATH; the venv's (the lock's) must win over the system's, activated or not
+    (two versions discard each other's build log: every op rebuilt at each switch)."""
+    import shutil
+
+    venv_ninja = os.path.join(os.path.dirname(sys.executable), "ninja")
+    if not os.path.isfile(venv_ninja):
+        pytest.skip("this environment has no ninja of its own")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a shell that did not activate the venv
+    assert train.main([*DEBUG, "--dry-run"]) == 0
+    assert shutil.which("ninja") == venv_ninja
+    path = os.environ["PATH"]
+    jit_cache.use_own_cache()  # twice: PATH is not extended again
+    assert os.environ["PATH"] == path
 
 
 # ---- one run per directory ------------------------------------------------------------------------------
@@ -531,7 +548,7 @@ def test_fallback_resume_continues_the_run_exactly(ranks, base_run, tmp_path):
     assert [r["code"] for r in results] == [0, 0], results
     warnings = [line for r in results for line in r["stdout"].splitlines() if "warning" in line]
     aside = run / "checkpoints" / "damaged-step_00000006"
-    assert warnings == [f"[t2i_ds] warning: step_00000006 is damaged (rank_00001.pt is missing), moved aside to {aside} "
+    assert warnings == [f"[t2i_ds rank 0] warning: step_00000006 is damaged (rank_00001.pt is missing), moved aside to {aside} "
                         "(kept for inspection; never resumed, listed or counted by keep_last): resuming from the "
                         "previous complete checkpoint step_00000004"], warnings
     assert (aside / "rank_00000.pt").is_file() and not (aside / "rank_00001.pt").exists()

@@ -11,7 +11,10 @@ nodes sharing the cache a build on another node looks the same from here, so the
 wait goes on.)
 
 `use_own_cache` points TORCH_EXTENSIONS_DIR at `<sys.prefix>/torch_extensions` when it is unset, so two virtual
-environments never rebuild (40-60 s each start) or wait on each other's op.
+environments never rebuild (40-60 s each start) or wait on each other's op; and it makes the builds run this
+environment's ninja (the lock's) when it has one: torch runs whichever `ninja` is first on PATH, and two ninja
+versions (the venv's 1.13, Debian's 1.11) each discard the other's build log, so an activated and a
+non-activated shell rebuilt every op on each switch (1-2 min per start).
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ RECHECK_S = 0.5  # a lock seen unheld is looked at again after this long before 
 
 
 def use_own_cache() -> str:
-    """Set TORCH_EXTENSIONS_DIR to this environment's cache unless the user chose one; returns the directory."""
+    """Set TORCH_EXTENSIONS_DIR to this environment's cache unless the user chose one, and put this environment's
+    ninja first on PATH when it has one; returns the cache directory."""
+    bin_dir = os.path.dirname(sys.executable)  # <venv>/bin: where pip put the lock's ninja
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
     return os.environ.setdefault(ENV, os.path.join(sys.prefix, "torch_extensions"))
 
 
