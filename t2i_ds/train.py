@@ -20,6 +20,7 @@ line naming it and the last complete checkpoint, printed by the lowest surviving
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -65,6 +66,7 @@ def _reports(error: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    faulthandler.enable()  # a native crash (SIGSEGV, SIGABRT from C++) prints every thread's Python stack first
     use_own_cache()  # DeepSpeed's JIT ops in this environment's cache, also outside `make`
     args = parse_args(argv)
     trainer = None
