@@ -66,7 +66,6 @@ def _reports(error: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    faulthandler.enable()  # a native crash (SIGSEGV, SIGABRT from C++) prints every thread's Python stack first
     use_own_cache()  # DeepSpeed's JIT ops in this environment's cache, also outside `make`
     args = parse_args(argv)
     trainer = None
@@ -96,4 +95,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a native crash (SIGSEGV, SIGABRT from C++) prints every thread's Python stack first
     sys.exit(main())
