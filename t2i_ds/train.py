@@ -94,6 +94,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_without_teardown(code: int) -> None:
+    """End the command once `main` has closed the run (checkpoints, event files, lock, process group): flush, stop
+    daemonic children as multiprocessing's exit hook would, and leave without the interpreter's teardown. Native
+    threads torn down there (gloo, the rendezvous store, a daemon thread inside a store call) aborted a finished
+    rank now and then with "terminate called without an active exception", turning a complete run into a failed
+    launch; nothing of the run is left to write at this point."""
+    import logging
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.terminate()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     faulthandler.enable()  # a native crash (SIGSEGV, SIGABRT from C++) prints every thread's Python stack first
-    sys.exit(main())
+    exit_without_teardown(main())
