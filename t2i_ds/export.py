@@ -59,14 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
-        fmt = a.format
         cfg = run_config(a.run_dir)
         ckpt = checkpoint_dir(a.run_dir, a.checkpoint)  # verified against its manifest
         sd = consolidated_state_dict(ckpt)
         vocab = cfg.vocab.build()
         if a.text_rows_only:
             sd = text_rows_only(sd, vocab)
-        if fmt == "open_lm":
+        if a.format == "open_lm":
             save_open_lm(sd, a.out)
         else:
             args = model_args(cfg, vocab)

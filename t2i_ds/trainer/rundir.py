@@ -3,7 +3,8 @@
 * `run_dir/LOCK` holds the holder's host, pid and start time while a training writes there. It is an advisory
   `flock`: the kernel releases it when the holder dies, so a lock left by a killed run is stale by construction
   (detected, taken over, and said so: what the file named, and whether that pid is dead, alive but not holding
-  the lock (a reused pid, a copied directory), on another host, or this process). A second training into a live run directory is refused with one line.
+  the lock (a reused pid, a copied directory), on another host, or this process). A second training into a live
+  run directory is refused with one line.
 * `run_dir/run.json` holds the run id, written at the first start and kept by every resume; checkpoint markers
   record it, and `keep_last` only ever prunes this run's checkpoints.
 * A resume first compares the new config with the run's `config.json`: fields that change shapes (vocab,
