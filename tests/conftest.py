@@ -4,6 +4,7 @@ No CUDA query happens at import time of project code; only here, once, for marke
 """
 
 import os
+import time
 from pathlib import Path
 
 # Triton kernels run on CPU tensors through the interpreter when there is no GPU. This must be set
@@ -46,6 +47,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if "multinode_all" in item.keywords and os.environ.get(MULTINODE_ALL) != "1":
             item.add_marker(skip_multinode)
+
+
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "deepspeed_allreduce_buffer_"  # DeepSpeed's CPU all-reduce workspace, one per rank (trainer.py)
+
+
+def _ds_shm_segments() -> set[str]:
+    try:
+        return {n for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIX)}
+    except OSError:  # no /dev/shm here
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def no_shared_memory_left_behind():
+    """Fail the test after which a DeepSpeed CPU workspace is still in /dev/shm: each is ~69 MB of RAM that
+    nothing frees until reboot, and a day of them filled the machine (trainer.release_shm_workspace)."""
+    before = _ds_shm_segments()
+    yield
+    left = _ds_shm_segments() - before
+    if left:  # another suite on this machine may be between its DeepSpeed init and its unlink: look again
+        time.sleep(2)
+        left = _ds_shm_segments() - before
+    for name in left:  # removed, so that later tests are not blamed for this one
+        Path(SHM_DIR, name).unlink(missing_ok=True)
+    if left:
+        pytest.fail(f"left {len(left)} DeepSpeed shared-memory workspace(s) in {SHM_DIR}: {sorted(left)}")
 
 
 @pytest.fixture(scope="session")
