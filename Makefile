@@ -27,9 +27,12 @@ $(STAMP): pyproject.toml $(LOCKS)
 	$(PY) -m pip check
 	touch $(STAMP)
 
-# tests/conftest.py picks the CPU accelerator and the Triton interpreter when there is no GPU
+# tests/conftest.py picks the CPU accelerator and the Triton interpreter when there is no GPU, and groups the tests
+# for pytest-xdist (a module per worker; the modules sharing the debug-model runs together). Two workers fill two
+# cores: the DeepSpeed launches wait on process start-up and rendezvous, the Triton interpreter on one core.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 # the demo uses all GPUs when there are any, else 2 CPU ranks (gloo)
 demo: $(STAMP)

@@ -39,10 +39,24 @@ def pytest_configure(config):
                                        f"(torchrun, c10d, resume on the surviving node, launcher misuse); {MULTINODE_ALL}=1")
 
 
+# `make test` spreads the suite over two pytest-xdist workers with --dist loadgroup: a module's tests stay on one
+# worker (its module-scoped runs are made once), and the modules that read the session's shared debug-model runs
+# (the `debug_run` fixture) share one worker, so each of those DeepSpeed launches happens once per suite.
+DEBUG_RUN_GROUP = "debug_runs"
+
+
+def _uses_debug_runs(item) -> bool:
+    return "debug_run" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_multinode = pytest.mark.skip(reason=f"opt-in multi-node launch: set {MULTINODE_ALL}=1")
+    debug_modules = {item.module.__name__ for item in items if _uses_debug_runs(item)}
     for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            group = DEBUG_RUN_GROUP if item.module.__name__ in debug_modules else item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(group))
         if "requires_cuda" in item.keywords and not _HAS_CUDA:
             item.add_marker(skip_cuda)
         if "multinode_all" in item.keywords and os.environ.get(MULTINODE_ALL) != "1":
@@ -60,6 +74,19 @@ def _ds_shm_segments() -> set[str]:
         return set()
 
 
+def _mapped_by_a_live_process(names: set[str]) -> set[str]:
+    """The names among `names` that some running process still maps (a run under way: another xdist worker's, or
+    another suite's on this machine, between DeepSpeed's init and its unlink); the rest nothing can free any more."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process ended meanwhile, or is not ours to read
+            continue
+        mapped |= {n for n in names if f"{SHM_DIR}/{n}" in text}
+    return mapped
+
+
 @pytest.fixture(autouse=True)
 def no_shared_memory_left_behind():
     """Fail the test after which a DeepSpeed CPU workspace is still in /dev/shm: each is ~69 MB of RAM that
@@ -67,9 +94,10 @@ def no_shared_memory_left_behind():
     before = _ds_shm_segments()
     yield
     left = _ds_shm_segments() - before
-    if left:  # another suite on this machine may be between its DeepSpeed init and its unlink: look again
+    if left:  # a run under way elsewhere may be between its DeepSpeed init and its unlink: look again
         time.sleep(2)
         left = _ds_shm_segments() - before
+        left -= _mapped_by_a_live_process(left)
     for name in left:  # removed, so that later tests are not blamed for this one
         Path(SHM_DIR, name).unlink(missing_ok=True)
     if left:
