@@ -28,8 +28,12 @@ def env() -> dict:
     return e
 
 
-def train(args: list[str], ranks: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m t2i_ds.train` (1 rank) or the DeepSpeed launcher with `ranks` CPU ranks."""
+def train(args: list[str], ranks: int = 1, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m t2i_ds.train` (1 rank) or the DeepSpeed launcher with `ranks` CPU ranks.
+
+    `timeout` catches a hang, not a slow machine: an 8-step two-rank run takes ~20 s on two quiet cores and went past
+    300 s at a load average of 15 (a test failed for the machine, not the code); pytest's faulthandler_timeout prints
+    every thread's stack after 300 s meanwhile."""
     if ranks == 1:
         cmd = [sys.executable, "-m", "t2i_ds.train", *args]
     else:
