@@ -24,6 +24,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -224,7 +225,7 @@ def lm_overrides(cfg: ReplicationConfig, layout: Layout) -> list[str]:
 def arm_overrides(cfg: ReplicationConfig, layout: Layout, group: str, arm: str, seed: int) -> list[str]:
     """The `--set` overrides of one run: group t2i or uncond, arm pretrained / random / mix / aligned / a freeze."""
     steps = cfg.t2i_steps if group == "t2i" else cfg.uncond_steps
-    sets = _common(cfg, seed, steps, _seq_len(layout))
+    sets = [*_common(cfg, seed, steps, _seq_len(layout)), "train.save_final=false"]  # only the LM's weights are read
     if arm != "random":
         sets += ["init.mode=pretrained", f"init.checkpoint={layout.lm_checkpoint}"]
     if group == "uncond":
@@ -262,9 +263,10 @@ def _align(cfg: ReplicationConfig, layout: Layout, seed: int, run_dir: Path) -> 
     return {}
 
 
-def plan(cfg: ReplicationConfig, layout: Layout, paragraphs: list[str]) -> list[Task]:
-    """Every task of the replication, in an order where each finds what it reads."""
-    tasks = [Task("prepare", layout.prepare, lambda d: prepare(cfg, layout, paragraphs, d)),
+def plan(cfg: ReplicationConfig, layout: Layout, paragraphs: Callable[[], list[str]]) -> list[Task]:
+    """Every task of the replication, in an order where each finds what it reads; `paragraphs()` reads the corpus
+    (only when `prepare` has not run yet)."""
+    tasks = [Task("prepare", layout.prepare, lambda d: prepare(cfg, layout, paragraphs(), d)),
              Task("lm", layout.lm, lambda d: _lm(cfg, layout, d))]
     for seed in range(cfg.seeds_init):
         tasks += [_train_task(cfg, layout, "t2i", arm, seed) for arm in ("pretrained", "random")]
