@@ -32,7 +32,6 @@ from t2i_ds.paper import verdicts
 from t2i_ds.paper.runs import Task, export_text_lm, read_result, train_demo
 
 FREEZES = ("embed_output", "embed_output_norms", "embed_output_norms_first_half", "embed_output_norms_ffn")
-SEQS_PER_STEP = 16  # the demo preset's batch (16 sequences a step), in one micro-batch
 NEOX_PAD = "<|endoftext|>"  # the pad input (never a target); this NeoX file has no <|padding|>
 N_VAL = 16  # held-out demo images (unused by the claims; the demo data set's val split)
 
@@ -47,23 +46,27 @@ class ReplicationConfig:
     """Seeds of every other comparison (C4, C5, C6, the extension)."""
     n_train: int = 4_000
     """Demo images (and captions) of the text-to-image data."""
-    text_rows: int = 4_096
+    text_rows: int = 2_048
     """Most frequent NeoX ids of the corpus kept in the subset tokenizer (plus caption ids, merge ancestors, bytes)."""
-    lm_steps: int = 800
-    """Steps of text LM pre-training (16 sequences of lm_seq_len tokens each)."""
+    seqs_per_step: int = 8
+    """Sequences per optimizer step of every run, in one micro-batch (the demo preset has 16)."""
+    warmup_steps: int = 20
+    """Linear LR warm-up of every run (then cosine to 0.1x of the demo preset's peak 2e-3)."""
+    lm_steps: int = 300
+    """Steps of text LM pre-training (sequences of lm_seq_len tokens)."""
     lm_seq_len: int = 128
     """Sequence length of the text LM's pre-training (the demo model's maximum)."""
-    t2i_steps: int = 300
+    t2i_steps: int = 120
     """Steps of each text-to-image run."""
-    uncond_steps: int = 200
+    uncond_steps: int = 100
     """Steps of each unconditional (image-only) run."""
     align_steps: int = 300
     """Steps of each contrastive alignment."""
     align_batch: int = 256
     """Pairs per contrastive batch."""
-    log_every: int = 10
+    log_every: int = 5
     """Steps between logged losses."""
-    probes: int = 3
+    probes: int = 2
     """Forgetting probes per text-to-image run (evenly spaced, the last at its end)."""
     probe_bytes: int = 32_768
     """Bytes of held-out corpus paragraphs the probes' held-out loss reads."""
@@ -81,7 +84,7 @@ class ReplicationConfig:
     """A run's final value of a loss: the mean of its values logged in the last final_window of its steps."""
 
     def __post_init__(self) -> None:
-        ints = ("seeds_init", "seeds_other", "n_train", "text_rows", "lm_steps", "lm_seq_len", "t2i_steps",
+        ints = ("seeds_init", "seeds_other", "n_train", "text_rows", "seqs_per_step", "lm_steps", "lm_seq_len", "t2i_steps",
                 "uncond_steps", "align_steps", "align_batch", "log_every", "probes", "probe_bytes")
         bad = [n for n in ints if getattr(self, n) < 1]
         if bad:
@@ -97,7 +100,7 @@ def full() -> ReplicationConfig:
 
 def quick() -> ReplicationConfig:
     """The whole pipeline in seconds, one seed: a test of the machinery, not of the claims."""
-    return ReplicationConfig(seeds_init=1, seeds_other=1, n_train=64, text_rows=256, lm_steps=3, t2i_steps=3,
+    return ReplicationConfig(seeds_init=1, seeds_other=1, n_train=64, text_rows=256, warmup_steps=1, lm_steps=3, t2i_steps=3,
                              uncond_steps=2, align_steps=3, align_batch=16, log_every=1, probes=1, probe_bytes=2_048)
 
 
@@ -208,8 +211,8 @@ def _seq_len(layout: Layout) -> int:
 
 def _common(cfg: ReplicationConfig, seed: int, steps: int, seq_len: int) -> list[str]:
     return [f"train.seed={seed}", f"init.seed={seed}", f"data.seed={seed}", f"train.steps={steps}",
-            f"train.log_every={cfg.log_every}", f"train.micro_batch={SEQS_PER_STEP}",
-            f"train.tokens_per_step={SEQS_PER_STEP * seq_len}"]
+            f"train.log_every={cfg.log_every}", f"train.micro_batch={cfg.seqs_per_step}",
+            f"train.tokens_per_step={cfg.seqs_per_step * seq_len}", f"optim.warmup_steps={cfg.warmup_steps}"]
 
 
 def _probes(layout: Layout, every: int) -> list[str]:

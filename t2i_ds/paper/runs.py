@@ -27,6 +27,12 @@ DS_CONFIG = ROOT / "ds_configs" / "zero2.json"
 RESULT_FILE = "result.json"
 
 
+class RunStopped(RuntimeError):
+    """A run ended early on a stop signal; the sequence stops with it (its task stays incomplete)."""
+
+    user_error = True
+
+
 def train_demo(run_dir: Path, overrides: list[str], data_dir: Path | None = None, ds_config: Path = DS_CONFIG) -> None:
     """One fresh run of the `demo` preset (pointed at the demo data set `data_dir` when given), ending with a
     checkpoint; `overrides` are `section.field=value` as for `--set`."""
@@ -43,6 +49,8 @@ def train_demo(run_dir: Path, overrides: list[str], data_dir: Path | None = None
         trainer.fit()
     finally:
         trainer.close()
+    if trainer.step < trainer.steps:  # SIGTERM/SIGINT: the trainer saved and returned; the run is not complete
+        raise RunStopped(f"{run_dir}: stopped at step {trainer.step} of {trainer.steps} (a signal); run again to redo it")
 
 
 def export_text_lm(run_dir: Path, path: Path) -> Path:
