@@ -165,10 +165,10 @@ def test_arm_overrides(tmp_path):
     cfg = replication.full()
     uncond = replication.arm_overrides(cfg, layout, "uncond", "embed_output_norms_ffn", 1)
     assert {"data.mode=unconditional", "train.freeze=embed_output_norms_ffn", "init.mode=pretrained", "train.seed=1",
-            "train.tokens_per_step=1440"} <= set(uncond)
+            f"train.tokens_per_step={cfg.seqs_per_step * 90}", f"train.steps={cfg.uncond_steps}"} <= set(uncond)
     random = replication.arm_overrides(cfg, layout, "t2i", "random", 0)
     assert not any(s.startswith("init.") and s != "init.seed=0" for s in random)
-    assert "train.probe_every=100" in random
+    assert f"train.probe_every={cfg.t2i_steps // cfg.probes}" in random
     mix = replication.arm_overrides(cfg, layout, "t2i", "mix", 0)
     assert f"data.text_mix_ratio={cfg.text_mix_ratio}" in mix
 

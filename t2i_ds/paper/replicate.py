@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     _cpu_accelerator_without_gpu()
-    start = time.monotonic()
+    start, commit = time.monotonic(), git_revision()  # the code that runs: HEAD may move while it does
     cfg = replication.quick() if args.quick else replication.full()
     layout = replication.Layout(Path(args.out).resolve())
     paragraphs = corpus.excerpt_paragraphs if args.quick else (lambda: corpus.debian_paragraphs(Path(args.corpus_html)))
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     claims = replication.measure(cfg, layout)
     seconds, load = task_seconds(tasks)
     facts = {"mode": "quick (a test of the pipeline, not of the claims)" if args.quick else "full",
-             "commit": git_revision(), "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+             "commit": commit, "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "wall time of the tasks": f"{seconds / 60:.1f} min", "mean 5-min load average": f"{load:.2f}",
              "this invocation": f"{(time.monotonic() - start) / 60:.1f} min", "CPU cores": os.cpu_count()}
     report = write_report(cfg, layout, claims, facts)
