@@ -20,6 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from t2i_ds.cli import positive_int
 from t2i_ds.paper.corpus import DEBIAN_HTML
 
 
@@ -28,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/replicate", help="output directory (runs, report.md, figures/)")
     p.add_argument("--quick", action="store_true", help="the whole pipeline tiny, on the shipped corpus excerpt")
+    p.add_argument("--threads", type=positive_int, default=1, help="intra-op threads of every run (torch)")
     p.add_argument("--corpus-html", default=str(DEBIAN_HTML), help="HTML of the Python documentation (python3.11-doc)")
     return p.parse_args(argv)
 
@@ -40,6 +42,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     _cpu_accelerator_without_gpu()
+    _threads(args.threads)
     start, commit = time.monotonic(), git_revision()  # the code that runs: HEAD may move while it does
     cfg = replication.quick() if args.quick else replication.full()
     layout = replication.Layout(Path(args.out).resolve())
@@ -57,6 +60,15 @@ def main(argv=None) -> int:
     for c in claims:
         print(f"  {c.key:4s} {c.verdict}")
     return 0
+
+
+def _threads(n: int) -> None:
+    """Intra-op threads of every run. One by default: the miniature's matmuls are too small for a second thread to
+    pay, and on a busy machine two threads stall each other at every parallel region (the quick pipeline took
+    over 600 s with two, 45 s with one, at a load average of 12 on 2 cores)."""
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _cpu_accelerator_without_gpu() -> None:

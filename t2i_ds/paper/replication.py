@@ -60,6 +60,8 @@ class ReplicationConfig:
     """Steps of each text-to-image run."""
     uncond_steps: int = 100
     """Steps of each unconditional (image-only) run."""
+    freezes: tuple[str, ...] = FREEZES
+    """Freezing presets of C5 (the paper's four; quick() runs one)."""
     align_steps: int = 300
     """Steps of each contrastive alignment."""
     align_batch: int = 256
@@ -89,6 +91,8 @@ class ReplicationConfig:
         bad = [n for n in ints if getattr(self, n) < 1]
         if bad:
             raise ValueError(f"ReplicationConfig fields {bad} must be >= 1")
+        if not self.freezes or not set(self.freezes) <= set(FREEZES):
+            raise ValueError(f"ReplicationConfig.freezes={self.freezes} must be a non-empty subset of {FREEZES}")
         if not 0 <= self.text_mix_ratio < 1 or not 0 < self.final_window <= 1 or not 0 < self.plateau_at < 1:
             raise ValueError(f"ReplicationConfig ratios out of range: {self}")
 
@@ -101,7 +105,7 @@ def full() -> ReplicationConfig:
 def quick() -> ReplicationConfig:
     """The whole pipeline in seconds, one seed: a test of the machinery, not of the claims."""
     return ReplicationConfig(seeds_init=1, seeds_other=1, n_train=64, text_rows=256, warmup_steps=1, lm_steps=3, t2i_steps=3,
-                             uncond_steps=2, align_steps=3, align_batch=16, log_every=1, probes=1, probe_bytes=2_048)
+                             uncond_steps=2, freezes=FREEZES[:1], align_steps=3, align_batch=16, log_every=1, probes=1, probe_bytes=2_048)
 
 
 @dataclass(frozen=True)
@@ -233,7 +237,7 @@ def arm_overrides(cfg: ReplicationConfig, layout: Layout, group: str, arm: str, 
         sets += ["init.mode=pretrained", f"init.checkpoint={layout.lm_checkpoint}"]
     if group == "uncond":
         sets += ["data.mode=unconditional", "data.caption_dropout=0.0"]
-        return sets + ([f"train.freeze={arm}"] if arm in FREEZES else [])
+        return sets + ([f"train.freeze={arm}"] if arm in cfg.freezes else [])
     sets += _probes(layout, max(1, steps // cfg.probes))
     if arm == "mix":
         sets += [f"data.text_mix_ratio={cfg.text_mix_ratio}", f"data.text_path={layout.corpus / 'train.txt'}"]
@@ -275,7 +279,7 @@ def plan(cfg: ReplicationConfig, layout: Layout, paragraphs: Callable[[], list[s
         tasks += [_train_task(cfg, layout, "t2i", arm, seed) for arm in ("pretrained", "random")]
     for seed in range(cfg.seeds_other):
         tasks.append(_train_task(cfg, layout, "t2i", "mix", seed))
-        tasks += [_train_task(cfg, layout, "uncond", arm, seed) for arm in ("pretrained", "random", *FREEZES)]
+        tasks += [_train_task(cfg, layout, "uncond", arm, seed) for arm in ("pretrained", "random", *cfg.freezes)]
         tasks.append(Task(f"align/s{seed}", layout.align(seed), lambda d, s=seed: _align(cfg, layout, s, d)))
         tasks.append(_train_task(cfg, layout, "t2i", "aligned", seed))
     return tasks
@@ -374,7 +378,7 @@ def measure(cfg: ReplicationConfig, layout: Layout) -> list[Claim]:
             Part("final image loss, pretrained − random", within(d), diff("uncond", "pretrained", "random", "loss/image", other_seeds))]),
         Claim("C5", "Each of the four partial fine-tunings (1)-(4) ends worse than full fine-tuning (Fig. 6).", [
             Part(f"final image loss, {f} − full", above(d), diff("uncond", f, "pretrained", "loss/image", other_seeds))
-            for f in FREEZES]),
+            for f in cfg.freezes]),
         Claim("C6", "Contrastive image-text token alignment plateaus quickly, and the aligned init does not beat "
                     "random init (Fig. 7).", [
             Part(f"share of the contrastive loss's decrease done by {cfg.plateau_at:.0%} of the steps",

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from t2i_ds.paper.replication import FREEZES, Claim, Layout, ReplicationConfig, config_dict, last
+from t2i_ds.paper.replication import Claim, Layout, ReplicationConfig, config_dict, last
 from t2i_ds.paper.runs import read_result
 
 PROMPT_TAGS = ("probe/relativity", "probe/translation")
@@ -87,7 +87,7 @@ def draw_figures(cfg: ReplicationConfig, layout: Layout, out_dir: Path) -> list[
     s_init, s_other = range(cfg.seeds_init), range(cfg.seeds_other)
     t2i = {f"{arm} s{s}": layout.run("t2i", arm, s) for arm in ("pretrained", "random") for s in s_init}
     forget = {**t2i, **{f"mix s{s}": layout.run("t2i", "mix", s) for s in s_other}}
-    uncond = {arm: layout.run("uncond", arm, 0) for arm in ("pretrained", "random", *FREEZES)}
+    uncond = {arm: layout.run("uncond", arm, 0) for arm in ("pretrained", "random", *cfg.freezes)}
     align = {f"align s{s}": layout.align(s) for s in s_other}
     paths = make_figures(runs(t2i), out_dir, ("fig3", "fig4"), alpha=0.0)
     paths += make_figures(runs(forget), out_dir, ("forgetting",), alpha=0.0)
