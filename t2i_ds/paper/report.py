@@ -57,7 +57,7 @@ def lm_section(cfg: ReplicationConfig, layout: Layout) -> str:
     prompts = paper_prompts()
     lines = [
         f"Corpus: {info['paragraphs']:,} paragraphs, {info['train_bytes']:,} bytes of training text, "
-        f"{info['heldout_bytes']:,} held out ({info['probe_bytes']:,} of them read by the probes). "
+        f"{info['heldout_bytes']:,} bytes held out ({info['probe_bytes']:,} of them read by the probes). "
         f"NeoX ids used by the training text: {info['neox_ids_in_corpus']:,}; kept in the subset tokenizer: "
         f"{info['subset_ids']:,} ({info['text_rows']:,} text rows). LM pre-training: {cfg.lm_steps} steps, "
         f"{info['lm_chunks']:,} chunks of {cfg.lm_seq_len - 4} tokens available.",
