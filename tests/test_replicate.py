@@ -209,3 +209,22 @@ def test_measure_reads_the_claimed_quantities(tmp_path):
         "Ext": verdicts.HOLDS,
     }
     assert claims["C6"].parts[1].verdict == verdicts.INCONCLUSIVE
+
+
+def test_probes_read_the_configured_heldout_text(tmp_path):
+    """train.probe_heldout: the probes' held-out loss reads that file instead of the shipped asset."""
+    import torch
+
+    from t2i_ds.config import apply_overrides, preset
+    from t2i_ds.data.tokenizers import TextTokenizer
+    from t2i_ds.trainer.probes import TextProbes
+    from t2i_ds.trainer.trainer import Trainer
+
+    text = "Lists are mutable sequences, typically used to store collections of homogeneous items.\n"
+    (tmp_path / "heldout.txt").write_text(text)
+    cfg = apply_overrides(preset("paper_synthetic"), ["train.probe_every=1", f"train.probe_heldout={tmp_path / 'heldout.txt'}"])
+    trainer = Trainer.__new__(Trainer)  # only the probe factory: no engine, no process group
+    trainer.cfg, trainer.vocab = cfg, cfg.vocab.build()
+    inputs, _ = trainer._make_probes().heldout
+    expected, _ = TextProbes(TextTokenizer(None), trainer.vocab, heldout_text=text).heldout
+    assert torch.equal(inputs, expected) and len(inputs) == 1

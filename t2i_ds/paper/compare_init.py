@@ -9,19 +9,20 @@ On the embedded captioned-shapes data:
 
     python -m t2i_ds.paper.compare_init --out runs/compare
 
-Every step is the real trainer (DeepSpeed engine, run in this process by t2i_ds.paper.runs), so the same
-sequence at scale is the recipe in docs/experiments.md with open_lm-1b in place of step 1.
+Every step is the real trainer command (DeepSpeed engine), so the same sequence at scale is the recipe in docs/experiments.md with open_lm-1b in place of step 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from t2i_ds.demo import data as demo_data
-from t2i_ds.paper.runs import DS_CONFIG, export_text_lm, train_demo
+from t2i_ds.paper.runs import DS_CONFIG, ROOT, export_text_lm, train_demo_command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,7 +52,8 @@ def run_train(run_dir: Path, data: Path, steps: int, extra: list[str], args) -> 
         shutil.rmtree(run_dir)
     print(f"[compare] {run_dir.name}: {steps} steps", flush=True)
     sets = [f"train.steps={steps}", f"train.log_every={args.log_every}", f"train.seed={args.seed}", *extra]
-    train_demo(run_dir, sets, data, Path(args.ds_config))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run(train_demo_command(run_dir, sets, data, Path(args.ds_config)), cwd=ROOT, env=env, check=True)
 
 
 def final(run_dir: Path, key: str) -> float:

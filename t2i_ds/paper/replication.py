@@ -246,7 +246,7 @@ def arm_overrides(cfg: ReplicationConfig, layout: Layout, group: str, arm: str, 
     return sets
 
 
-def _train_task(cfg, layout, group: str, arm: str, seed: int) -> Task:
+def _train_task(cfg: ReplicationConfig, layout: Layout, group: str, arm: str, seed: int) -> Task:
     run_dir = layout.run(group, arm, seed)
     return Task(f"{group}/{arm}/s{seed}", run_dir,
                 lambda d: train_demo(d, arm_overrides(cfg, layout, group, arm, seed), layout.data))

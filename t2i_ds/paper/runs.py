@@ -1,6 +1,7 @@
 """Training runs of the paper's analyses: the real trainer, a text LM's export, and resumable sequences of runs.
 
     train_demo(run_dir, ["data.mode=text", ...], data_dir)   # the DeepSpeed trainer (`demo` preset) in this process
+    train_demo_command(run_dir, [...], data_dir)             # the same run as a `python -m t2i_ds.train` argv
     export_text_lm(run_dir, path)                            # its text rows only: an open_lm text LM checkpoint
     run_tasks([Task(name, run_dir, work), ...])              # completed tasks skipped, interrupted ones redone
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,22 +35,48 @@ class RunStopped(RuntimeError):
     user_error = True
 
 
+def demo_overrides(run_dir: Path, overrides: list[str], data_dir: Path | None = None) -> list[str]:
+    """The `--set` overrides of one fresh run of the `demo` preset (pointed at the demo data set `data_dir` when
+    given), without periodic checkpoints; `overrides` come last and win."""
+    from t2i_ds.demo import data as demo_data
+
+    sets = demo_data.train_overrides(data_dir) if data_dir is not None else []
+    return sets + [f"train.run_dir={run_dir}", "train.resume=never", "train.ckpt_every=0", *overrides]
+
+
+def train_demo_command(run_dir: Path, overrides: list[str], data_dir: Path | None = None,
+                       ds_config: Path = DS_CONFIG) -> list[str]:
+    """The same run as `train_demo`, as the argv of `python -m t2i_ds.train` (one process)."""
+    cmd = [sys.executable, "-m", "t2i_ds.train", "--ds_config", str(ds_config), "--preset", "demo"]
+    for item in demo_overrides(run_dir, overrides, data_dir):
+        cmd += ["--set", item]
+    return cmd
+
+
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what init_distributed sets
+
+
 def train_demo(run_dir: Path, overrides: list[str], data_dir: Path | None = None, ds_config: Path = DS_CONFIG) -> None:
-    """One fresh run of the `demo` preset (pointed at the demo data set `data_dir` when given), ending with a
-    checkpoint; `overrides` are `section.field=value` as for `--set`."""
+    """One fresh run of the `demo` preset in this process (the Trainer as `python -m t2i_ds.train` builds it),
+    ending with a checkpoint unless train.save_final=false. The process-group variables the trainer sets are
+    undone afterwards, so a later subprocess (a test's) picks its own rendezvous port."""
     import t2i_ds.demo.preset  # noqa: F401  (registers the demo preset)
     from t2i_ds.config import apply_overrides, preset
-    from t2i_ds.demo import data as demo_data
     from t2i_ds.trainer.batching import read_ds_config
     from t2i_ds.trainer.trainer import Trainer
 
-    sets = demo_data.train_overrides(data_dir) if data_dir is not None else []
-    sets += [f"train.run_dir={run_dir}", "train.resume=never", "train.ckpt_every=0", *overrides]
-    trainer = Trainer(apply_overrides(preset("demo"), sets), read_ds_config(str(ds_config)))
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    trainer = Trainer(apply_overrides(preset("demo"), demo_overrides(run_dir, overrides, data_dir)),
+                      read_ds_config(str(ds_config)))
     try:
         trainer.fit()
     finally:
         trainer.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     if trainer.step < trainer.steps:  # SIGTERM/SIGINT: the trainer saved and returned; the run is not complete
         raise RunStopped(f"{run_dir}: stopped at step {trainer.step} of {trainer.steps} (a signal); run again to redo it")
 
