@@ -182,6 +182,9 @@ class TrainConfig:
     """'auto' (latest complete checkpoint in run_dir/checkpoints if any), 'never', or a path."""
     probe_every: int = 0
     """Steps between text probes (forgetting, paper Table 1); 0 disables."""
+    probe_heldout: str = ""
+    """Plain-text file whose text the probes' held-out loss is measured on; empty: the shipped
+    t2i_ds/assets/heldout_text.txt."""
     text_tokenizer: str = ""
     """The text tokenizer the shards were made with (tokenizer.json or a directory): for text mixing
     (data.text_path), probes, samples and generation; empty: the NeoX BPE default."""

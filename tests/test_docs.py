@@ -12,6 +12,7 @@ Checks, by program:
 - `python -m t2i_ds.X`: the command's `parse_args`; the same `--dry-run` for train; other modules must import;
 - `make X [VAR=value]`: `make -n` of it succeeds; `tensorboard`: the package is installed;
 - `pip install ...`: pip's own option parser, and every `-r` file and `-e` project exists in the repository.
+- `apt-get install X`: X is the Debian package a command reads (the replication's corpus, t2i_ds.paper.corpus).
 - `sbatch scripts/slurm/X ARGS`: the script exists and ARGS are a valid train command (the template passes them on).
 The cluster templates themselves (scripts/) are checked below: bash can read them, DeepSpeed reads the hostfile
 example, and tests/test_multinode.py runs the SLURM template's per-node body on two loopback "nodes".
@@ -158,6 +159,10 @@ def check(cmd: Command) -> None:
         missing = [f for f in options.requirements if not (ROOT / f).is_file()]
         missing += [e for e in options.editables if not (ROOT / e / "pyproject.toml").is_file()]
         assert not missing, f"pip install names files the repository does not have: {missing}"
+    elif prog == "apt-get":  # the Debian packages the project's commands read (the replication's corpus)
+        from t2i_ds.paper.corpus import DEBIAN_PACKAGE
+
+        assert rest[:1] == ["install"] and rest[1:] == [DEBIAN_PACKAGE], f"apt-get {shlex.join(rest)}: not {DEBIAN_PACKAGE}"
     elif prog == "tensorboard":
         assert importlib.util.find_spec("tensorboard") is not None
     elif prog == "sbatch":  # our batch scripts pass their arguments to the train command

@@ -83,20 +83,23 @@ def max_caption_tokens(tok: Tokenizer) -> int:
     return max(lengths)
 
 
-def demo_vocab(sizes: DemoSizes = DemoSizes(), tok: Tokenizer | None = None) -> Vocab:
-    """Vocab of the demo: `sizes.text_size` text rows (>= the word count), the codebook, one image's tokens,
-    and room for the longest caption."""
+def demo_vocab(sizes: DemoSizes = DemoSizes(), tok: Tokenizer | None = None, pad_token: str = PAD) -> Vocab:
+    """Vocab of the demo: `sizes.text_size` text rows (>= the tokenizer's ids), the codebook, one image's tokens,
+    and room for the longest caption. `tok` (default: the word-level one) may be any tokenizer that has `pad_token`."""
     tok = tok or build_text_tokenizer()
     n_words = tok.get_vocab_size()
     if sizes.text_size < n_words:
-        raise ValueError(f"text_size={sizes.text_size} is smaller than the {n_words} words of the demo tokenizer")
+        raise ValueError(f"text_size={sizes.text_size} is smaller than the {n_words} ids of the text tokenizer")
+    pad_id = tok.token_to_id(pad_token)
+    if pad_id is None:
+        raise ValueError(f"the text tokenizer has no pad token {pad_token!r}")
     seq_len = sizes.tokens_per_image + 6 + max_caption_tokens(tok)
     return Vocab(
         text_size=sizes.text_size,
         image_size=sizes.codebook_size,
         image_tokens=sizes.tokens_per_image,
         seq_len=seq_len,
-        pad_id=tok.token_to_id(PAD),
+        pad_id=pad_id,
         real_text_size=n_words,
     )
 
@@ -155,23 +158,28 @@ def make_demo_dataset(
     n_val: int,
     seed: int,
     sizes: DemoSizes = DemoSizes(),
+    text_tok: Tokenizer | None = None,
+    pad_token: str = PAD,
 ) -> dict:
-    """Generate, tokenize and write the demo data set (layout in the module docstring); return a summary."""
+    """Generate, tokenize and write the demo data set (layout in the module docstring); return a summary.
+
+    `text_tok` captions the images (default: the word-level tokenizer; t2i_ds.paper.replicate passes a NeoX BPE)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train = shapes.generate(n_train, seed, sizes.image_px)
     val = shapes.generate(n_val, seed + 1, sizes.image_px)  # another stream: images never seen in training
-    text_tok = build_text_tokenizer()
+    text_name = "demo_words" if text_tok is None else "custom"
+    text_tok = text_tok or build_text_tokenizer()
     text_tok.save(str(out / TEXT_TOKENIZER))
     train_images = np.stack([s.image for s in train])  # (N, S, S, 3)
     image_tok = PatchKMeansTokenizer.fit(to_tensor(train_images), sizes.codebook_size, sizes.patch, seed)
     image_tok.save(out / IMAGE_TOKENIZER)
-    vocab = demo_vocab(sizes, text_tok)
+    vocab = demo_vocab(sizes, text_tok, pad_token)
     atomic_write_text(out / VOCAB_FILE, json.dumps(dataclasses.asdict(vocab), indent=2))
     meta = {
         "image_tokenizer": {"name": "patch_kmeans", "path": str(out / IMAGE_TOKENIZER), "codebook_size": image_tok.codebook_size,
                             "grid": list(image_tok.grid), "image_size": sizes.image_px},
-        "text_tokenizer": {"name": "demo_words", "path": str(out / TEXT_TOKENIZER), "vocab_size": text_tok.get_vocab_size()},
+        "text_tokenizer": {"name": text_name, "path": str(out / TEXT_TOKENIZER), "vocab_size": text_tok.get_vocab_size()},
     }
     for split, samples in (("train", train), ("val", val)):
         ids = [e.ids for e in text_tok.encode_batch([s.caption for s in samples])]

@@ -25,15 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from t2i_ds.model.checkpoint import ROWS_KEY, new_rows
+from t2i_ds.model.checkpoint import ROWS_FILE, ROWS_KEY, new_rows
 from t2i_ds.progress import Progress
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps exp(s) at 100
+REPORT_FILE = "nearest_tokens.md"
 
 
 @dataclass
@@ -212,3 +214,83 @@ def save_aligned_rows(path: str | Path, image_rows: torch.Tensor, metadata: dict
     meta = {str(k): str(v) for k, v in metadata.items()}
     save_file({ROWS_KEY: image_rows.detach().float().cpu().contiguous()}, str(path), metadata=meta)
     return path
+
+
+# ---- the whole analysis: token shards + a text LM -> aligned rows, events and the nearest-token report ------
+@dataclass(frozen=True)
+class AlignVocab:
+    """The id ranges the alignment reads: text rows of the checkpoint, the tokenizer's real ids, image codes."""
+
+    text_size: int
+    real_text_size: int
+    image_size: int
+
+
+def read_pairs(spec: str, max_pairs: int | None = None) -> tuple[torch.Tensor, list[list[int]], int]:
+    """(codes (N, n_img) int32, N captions, number of empty captions dropped) from token shards."""
+    from t2i_ds.data.shards import list_shards, read_shard
+
+    codes, captions, empty = [], [], 0
+    for path in list_shards(spec):
+        for s in read_shard(path):
+            if len(s.caption_ids) == 0:
+                empty += 1
+                continue
+            codes.append(np.asarray(s.codes, dtype=np.int32))
+            captions.append(np.asarray(s.caption_ids).tolist())
+            if max_pairs is not None and len(captions) >= max_pairs:
+                return torch.from_numpy(np.stack(codes)), captions, empty
+    if not captions:
+        raise ValueError(f"no image-caption pairs with a non-empty caption in {spec!r}")
+    return torch.from_numpy(np.stack(codes)), captions, empty
+
+
+def read_text_rows(checkpoint: str, text_size: int) -> torch.Tensor:
+    """The first `text_size` rows of the checkpoint's `tok_embeddings.weight` (the text block)."""
+    from t2i_ds.model.checkpoint import read_state_dict
+
+    rows = read_state_dict(checkpoint)["tok_embeddings.weight"]
+    if len(rows) < text_size:
+        raise ValueError(f"{checkpoint}: tok_embeddings has {len(rows)} rows, fewer than text_size={text_size}")
+    return rows[:text_size].float()
+
+
+def report_codes(codes: torch.Tensor, n: int, seed: int) -> list[int]:
+    """A seeded sample of `n` distinct image codes among those present in the data, sorted."""
+    present = torch.unique(codes.long())
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(present[torch.randperm(len(present), generator=gen)[:n]].tolist())
+
+
+def load_decoder(path: str | None):
+    if path is None:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path).decode
+
+
+def run_alignment(shards: str, checkpoint: str, out: Path, cfg: AlignConfig, vocab: AlignVocab, tokenizer: str | None = None,
+                  max_pairs: int | None = None, n_report: int = 32, top_k: int = 5, device: str = "cpu") -> Path:
+    """Train the image rows on the pairs of `shards` against the text rows of `checkpoint`; write into `out` the
+    TensorBoard events (align/loss, align/temperature, align/accuracy), aligned_rows.safetensors and
+    nearest_tokens.md. Returns the rows' path."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    codes, captions, empty = read_pairs(shards, max_pairs)
+    print(f"align: {len(captions):,} pairs ({empty:,} with an empty caption dropped), device {device}")
+    text_rows = read_text_rows(checkpoint, vocab.text_size)
+    with SummaryWriter(str(out)) as writer:
+        result = train_alignment(text_rows, codes, captions, vocab.image_size, cfg, writer, device)
+    meta = {**vars(cfg), "checkpoint": checkpoint, "pairs": len(captions), "final_loss": result.losses[-1],
+            "temperature": result.temperature, "text_size": vocab.text_size, "image_size": vocab.image_size}
+    rows_path = save_aligned_rows(out / ROWS_FILE, result.image_rows, meta)
+    sample = report_codes(codes, n_report, cfg.seed)
+    sims, ids = nearest_text_tokens(result.image_rows, text_rows, sample, top_k, vocab.real_text_size)
+    report = f"final loss {result.losses[-1]:.4f}, temperature {result.temperature:.4f}\n\n"
+    report += nearest_report(sims, ids, sample, load_decoder(tokenizer))
+    (out / REPORT_FILE).write_text(report + "\n")
+    print(report)
+    print(f"align: wrote {rows_path} and {out / REPORT_FILE}")
+    return rows_path

@@ -9,8 +9,7 @@ On the embedded captioned-shapes data:
 
     python -m t2i_ds.paper.compare_init --out runs/compare
 
-Every step is the real trainer command (DeepSpeed engine), so the same sequence at scale is the
-recipe in docs/experiments.md with open_lm-1b in place of step 1.
+Every step is the real trainer command (DeepSpeed engine), so the same sequence at scale is the recipe in docs/experiments.md with open_lm-1b in place of step 1.
 """
 
 from __future__ import annotations
@@ -20,12 +19,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from t2i_ds.demo import data as demo_data
-
-ROOT = Path(__file__).resolve().parents[2]
+from t2i_ds.paper.runs import DS_CONFIG, ROOT, export_text_lm, train_demo_command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-steps", type=int, default=300, help="steps of text-only pre-training")
     p.add_argument("--steps", type=int, default=300, help="steps of each text-to-image run")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "zero2.json"))
+    p.add_argument("--ds-config", default=str(DS_CONFIG))
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -50,19 +47,13 @@ def ensure_data(args, out: Path) -> Path:
 
 
 def run_train(run_dir: Path, data: Path, steps: int, extra: list[str], args) -> None:
-    sets = demo_data.train_overrides(data) + [
-        f"train.run_dir={run_dir}", f"train.steps={steps}",
-        f"train.log_every={args.log_every}", f"train.seed={args.seed}", "train.resume=never", "train.ckpt_every=0", *extra,
-    ]
-    if (run_dir / "checkpoints").is_dir():  # a comparison trains fresh runs; the trainer refuses to start over one
+    if run_dir.exists():  # a comparison trains fresh runs; the trainer refuses to start over one
         print(f"[compare] removing the earlier run {run_dir}", flush=True)
         shutil.rmtree(run_dir)
-    cmd = [sys.executable, "-m", "t2i_ds.train", "--ds_config", args.ds_config, "--preset", "demo"]
-    for s in sets:
-        cmd += ["--set", s]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     print(f"[compare] {run_dir.name}: {steps} steps", flush=True)
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    sets = [f"train.steps={steps}", f"train.log_every={args.log_every}", f"train.seed={args.seed}", *extra]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run(train_demo_command(run_dir, sets, data, Path(args.ds_config)), cwd=ROOT, env=env, check=True)
 
 
 def final(run_dir: Path, key: str) -> float:
@@ -76,17 +67,13 @@ def first(run_dir: Path, key: str) -> float:
 
 def main(argv=None) -> int:
     from t2i_ds.paper.curves import load_curves, make_figures
-    from t2i_ds.inference import checkpoint_dir, consolidated_state_dict, run_config
-    from t2i_ds.model.checkpoint import save_open_lm, text_rows_only
 
     args = parse_args(argv)
     out = Path(args.out).resolve()
     data = ensure_data(args, out)
     text_lm = out / "text_lm"
     run_train(text_lm, data, args.text_steps, ["data.mode=text", "data.caption_dropout=0.0"], args)
-    ckpt = out / "text_lm.pt"
-    vocab = run_config(text_lm).vocab.build()
-    save_open_lm(text_rows_only(consolidated_state_dict(checkpoint_dir(text_lm)), vocab), ckpt)  # a text LM
+    ckpt = export_text_lm(text_lm, out / "text_lm.pt")  # a text LM
     runs = {"pretrained": out / "t2i_pretrained", "random": out / "t2i_random"}
     run_train(runs["pretrained"], data, args.steps, ["init.mode=pretrained", f"init.checkpoint={ckpt}"], args)
     run_train(runs["random"], data, args.steps, ["init.mode=random"], args)

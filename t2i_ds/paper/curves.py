@@ -4,6 +4,7 @@
     fig4  text and image loss (loss/text, loss/image) vs training tokens  (paper Figure 4)
     fig6  image loss (loss/image) of unconditional / freezing runs        (paper Figure 6)
     fig7  alignment loss and temperature (align/loss, align/temperature)  (paper Figure 7)
+    forgetting  held-out English loss of the text probes (probe/heldout_loss)   (paper Table 1, as a curve)
 
 Every figure draws each run that has its tags: the faint line is the raw curve, the solid one its
 EMA (paper Fig. 6 uses 0.95). The x axis is `tokens/seen` read at the same steps (or the step).
@@ -52,6 +53,8 @@ FIGURES = {
         "fig7", "Image-text token contrastive alignment",
         (("align/loss", "contrastive loss"), ("align/temperature", "temperature")), (2, 1), x_is_step=True,
     ),
+    "forgetting": Figure("forgetting", "Held-out English loss (forgetting probes)",
+                         (("probe/heldout_loss", "held-out text loss"),), (1, 1)),
 }
 
 
@@ -93,6 +96,22 @@ def load_curves(run_dir: str | Path) -> Run:
                 if old is None or e.wall_time >= old[0]:
                     points[tag][e.step] = (e.wall_time, e.value)
     return {tag: _curve(p) for tag, p in points.items()}
+
+
+def load_texts(run_dir: str | Path) -> dict[str, str]:
+    """The last logged value of every text summary of a run (tag -> markdown text), e.g. probe completions."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    latest: dict[str, tuple[int, str]] = {}
+    for d in event_dirs(run_dir):
+        acc = EventAccumulator(d, size_guidance={"tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["tensors"]:
+            for e in acc.Tensors(tag):
+                name = tag.removesuffix("/text_summary")
+                if e.tensor_proto.string_val and e.step >= latest.get(name, (-1, ""))[0]:
+                    latest[name] = (e.step, e.tensor_proto.string_val[0].decode("utf-8"))
+    return {tag: text for tag, (_, text) in latest.items()}
 
 
 def _curve(points: dict[int, tuple[float, float]]) -> Curve:

@@ -338,7 +338,8 @@ class Trainer:
         from t2i_ds.data.tokenizers import TextTokenizer
         from t2i_ds.trainer.probes import TextProbes
 
-        return TextProbes(TextTokenizer(t.text_tokenizer or None), self.vocab)
+        heldout = Path(t.probe_heldout).read_text(encoding="utf-8") if t.probe_heldout else None
+        return TextProbes(TextTokenizer(t.text_tokenizer or None), self.vocab, heldout_text=heldout)
 
     def _make_sampler(self):
         """Image samples for TensorBoard when train.sample_every > 0: caption ids and the decoder."""
