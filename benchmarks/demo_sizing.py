@@ -4,7 +4,7 @@ Plain torch (no DeepSpeed) on CPU: builds the demo data set, trains a model pres
 (linear warm-up, cosine decay to 10%) on `<doc> <text> caption </text> <image> codes </image> </doc>`
 samples with 10% caption dropout (empty caption, the CFG-unconditional prompt), and at the
 `--eval_at` steps samples held-out captions and prints the consistency scores
-(t2i_ds.eval.consistency) with and without classifier-free guidance. Appends one JSON row per evaluation to
+(t2i_ds.demo.judge) with and without classifier-free guidance. Appends one JSON row per evaluation to
 benchmarks/results/demo_sizing.jsonl.
 
     .venv/bin/python benchmarks/demo_sizing.py --batch 16 --lr 2e-3 --steps 1000 --eval_at 250 500 1000
@@ -26,7 +26,7 @@ from t2i_ds.demo.data import DemoSizes, load_demo_vocab, make_demo_dataset, read
 from t2i_ds.data.images import to_uint8
 from t2i_ds.demo.tokenizer import PatchKMeansTokenizer
 from t2i_ds.data.shards import list_shards, read_shard
-from t2i_ds.eval.consistency import consistency_score
+from t2i_ds.demo.judge import consistency_score
 from t2i_ds.sampling import generate_images
 from t2i_ds.model.args import model_preset
 from t2i_ds.model.transformer import build_model, count_parameters

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from t2i_ds.demo import shapes
-from t2i_ds.eval.consistency import consistency_score
+from t2i_ds.demo.judge import consistency_score
 
 
 @pytest.fixture(scope="module")

@@ -149,6 +149,11 @@ def read_val_captions(path: str | os.PathLike) -> tuple[list[list[int]], list[sh
     return [r["caption_ids"] for r in rows], [shapes.ShapeAttributes(**r["attributes"]) for r in rows]
 
 
+def held_out_samples(n_val: int, seed: int, image_px: int = shapes.IMAGE_SIZE) -> list[shapes.ShapeSample]:
+    """The held-out samples of `make_demo_dataset(..., n_val, seed)`: another stream than training's, so never seen."""
+    return shapes.generate(n_val, seed + 1, image_px)
+
+
 def make_demo_dataset(
     out_dir: str | os.PathLike,
     n_train: int,
@@ -160,7 +165,7 @@ def make_demo_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train = shapes.generate(n_train, seed, sizes.image_px)
-    val = shapes.generate(n_val, seed + 1, sizes.image_px)  # another stream: images never seen in training
+    val = held_out_samples(n_val, seed, sizes.image_px)
     text_tok = build_text_tokenizer()
     text_tok.save(str(out / TEXT_TOKENIZER))
     train_images = np.stack([s.image for s in train])  # (N, S, S, 3)
