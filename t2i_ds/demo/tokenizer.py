@@ -111,7 +111,9 @@ class PatchKMeansTokenizer:
         if tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
             raise ValueError(f"expected (B, 3, {self.image_size}, {self.image_size}) images, got {tuple(images.shape)}")
         x = patchify(images.float(), self.patch)  # (B, T, D)
-        return nearest(x.flatten(0, 1), self.codebook.to(x.device)).view(x.shape[:2])
+        # synthetic images repeat patches heavily: the distances of the distinct ones only, (N, K) with N << B * T
+        distinct, inverse = torch.unique(x.flatten(0, 1), dim=0, return_inverse=True)
+        return nearest(distinct, self.codebook.to(x.device))[inverse].view(x.shape[:2])
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, T) int64 codes -> (B, 3, S, S) float in [-1, 1] (the centroids, no re-quantisation)."""

@@ -48,6 +48,11 @@ class Judge:
         return cls(data["table"], data.get("verdicts", []), data.get("n"))
 
 
+def _text(s: str) -> str:
+    """Element content, escaped (quotes are kept: the page puts no text inside attributes)."""
+    return html.escape(s, quote=False)
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
     """run_dir/metrics.jsonl, one dict per logged step (empty when the run logged nothing yet)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -96,8 +101,8 @@ def throughput(metrics: Sequence[dict[str, float]]) -> dict[str, float]:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    head = "".join(f"<th>{_text(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_text(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -115,8 +120,8 @@ def samples_section(images: Sequence[Path], captions: Sequence[str], verdicts: S
         marks = ""
         if i < len(verdicts):
             marks = " ".join(f"{k} {MARK[v]}" for k, v in verdicts[i].items() if k != "all")
-            marks = f'<div class="v {"ok" if verdicts[i].get("all") else "bad"}">{html.escape(marks)}</div>'
-        caption = html.escape(captions[i]) if i < len(captions) else ""
+            marks = f'<div class="v {"ok" if verdicts[i].get("all") else "bad"}">{_text(marks)}</div>'
+        caption = _text(captions[i]) if i < len(captions) else ""
         figures.append(f'<figure><img src="{data_uri(path.read_bytes())}" alt="sample {i}">'
                        f"<figcaption>{caption}{marks}</figcaption></figure>")
     return f"<h2>Samples ({len(images)})</h2><div class=\"grid\">{''.join(figures)}</div>"
@@ -138,7 +143,7 @@ def commands_section(run_dir: Path, commands: Sequence[str]) -> str:
     if recorded.is_file():
         lines.append("# rank 0's training argv, as recorded: " + recorded.read_text().strip())
     lines.append(f"tensorboard --logdir {run_dir / 'tb'}")
-    return "<h2>Reproduce</h2><pre>" + html.escape("\n".join(lines)) + "</pre>"
+    return "<h2>Reproduce</h2><pre>" + _text("\n".join(lines)) + "</pre>"
 
 
 def config_section(run_dir: Path) -> str:
@@ -146,7 +151,7 @@ def config_section(run_dir: Path) -> str:
     for name in ("git_revision.txt", "config.json"):
         path = run_dir / name
         if path.is_file():
-            parts.append(f"<h3>{name}</h3><pre>{html.escape(path.read_text())}</pre>")
+            parts.append(f"<h3>{name}</h3><pre>{_text(path.read_text())}</pre>")
     return "<h2>Resolved config</h2>" + "".join(parts)
 
 
@@ -162,13 +167,13 @@ def render_report(run_dir: str | os.PathLike, *, title: str, images: Sequence[Pa
     """The page as one HTML string (sections in the module docstring's order)."""
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
-    body = [f"<h1>{html.escape(title)}</h1>"]
+    body = [f"<h1>{_text(title)}</h1>"]
     if judge:
         body.append(judge_section(judge))
     if images:
         body.append(samples_section(images, captions, judge.verdicts if judge else ()))
     body += [training_section(run_dir, metrics), commands_section(run_dir, commands), config_section(run_dir)]
-    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{_text(title)}</title>'
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
 
 
