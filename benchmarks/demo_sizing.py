@@ -61,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="each with each --cfg")
     p.add_argument("--note", default="", help="what this row tries (kept in the row)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ceiling_only", action="store_true", help="score the ceiling rows, append them, train nothing")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 where other jobs share the cores)")
     return p.parse_args()
 
 
@@ -119,9 +121,20 @@ def provenance() -> dict:
     return {"commit": commit + ("+dirty" if dirty else ""), "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
+def record_head(args) -> dict:
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(), "torch": torch.__version__, **provenance(),
+            "threads": torch.get_num_threads(), "args": vars(args)}
+
+
+def append(record: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data = Path(args.data)
     t0 = time.perf_counter()
@@ -135,6 +148,9 @@ def main() -> None:
     stated = [states_background(json.loads(line)["caption"]) for line in (data / "val.jsonl").read_text().splitlines()]
     ceiling = ceilings(image_tok, val_attrs, args)
     print("ceilings", json.dumps(ceiling), flush=True)
+    if args.ceiling_only:
+        append({**record_head(args), "data_s": round(data_s, 1), "ceiling": ceiling})
+        return
     overrides = {k: v for k, v in (("dim", args.dim), ("n_layers", args.layers), ("n_heads", args.heads)) if v}
     margs = model_preset(args.preset, vocab_size=vocab.size, seq_len=vocab.seq_len, loss_impl="torch", **overrides)
     model = build_model(margs, vocab.modality_bounds)
@@ -163,12 +179,7 @@ def main() -> None:
                    "loss": round(loss.item(), 3), "image_loss": round(image_loss, 3),
                    **evaluate(model, vocab, image_tok, val_ids, val_attrs, stated, args)}
             print(json.dumps(row), flush=True)
-            record = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(), "torch": torch.__version__,
-                      **provenance(), "threads": torch.get_num_threads(), "args": vars(args),
-                      "params": count_parameters(model), "ceiling": ceiling, **row}
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            with RESULTS.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append({**record_head(args), "params": count_parameters(model), "ceiling": ceiling, **row})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ DEMO_DIR = "runs/demo"
 
 def demo() -> Config:
     """The demo model on the demo shards (the Vocab that make_demo_dataset writes with the default DemoSizes)."""
-    vocab = VocabConfig(**dataclasses.asdict(demo_vocab()))  # seq_len 81: 64 image tokens + 6 specials + 11 words
+    vocab = VocabConfig(**dataclasses.asdict(demo_vocab()))  # seq_len 84: 64 image tokens + 6 specials + 14 words
     seq_len = vocab.seq_len
     return Config(
         vocab=vocab,
