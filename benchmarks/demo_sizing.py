@@ -61,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="each with each --cfg")
     p.add_argument("--note", default="", help="what this row tries (kept in the row)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from_demo", default=None, help="append a row for a finished `python -m t2i_ds.demo --out DIR` run")
     p.add_argument("--ceiling_only", action="store_true", help="score the ceiling rows, append them, train nothing")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 where other jobs share the cores)")
     return p.parse_args()
@@ -132,8 +133,21 @@ def append(record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def demo_row(out: Path) -> dict:
+    """The row of a finished demo run: its settings (resolved config), ceiling table, phase timings, load average."""
+    result = json.loads((out / "results.json").read_text())
+    cfg = json.loads((out / "train" / "config.json").read_text())
+    settings = {"steps": cfg["train"]["steps"], "tokens_per_step": cfg["train"]["tokens_per_step"], "lr": cfg["optim"]["lr"],
+                "codebook": cfg["vocab"]["image_size"], "model": cfg["model"], "caption_dropout": cfg["data"]["caption_dropout"]}
+    return {"demo": str(out), "settings": settings, "sampling": result.get("sampling"), "table": result["table"], "seconds": result["seconds"],
+            "loadavg_at_end": result.get("loadavg")}
+
+
 def main() -> None:
     args = parse_args()
+    if args.from_demo:
+        append({**record_head(args), **demo_row(Path(args.from_demo))})
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data = Path(args.data)

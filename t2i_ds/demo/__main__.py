@@ -96,7 +96,7 @@ def sample_and_score(out: Path, data: Path, args) -> dict:
     """Generate an image per held-out caption, write the grid, judge real / round-tripped / generated images.
 
     Returns the results.json dict: the generated images' scores and chance (flat), the ceiling `table`
-    (t2i_ds.demo.judge.ROWS), one `verdicts` entry per caption, and `seconds` per phase.
+    (t2i_ds.demo.judge.ROWS), one `verdicts` entry per caption, and `seconds` of sampling and scoring.
     """
     from t2i_ds.data.images import to_uint8
     from t2i_ds.demo import judge
@@ -119,10 +119,9 @@ def sample_and_score(out: Path, data: Path, args) -> dict:
     t = time.perf_counter()
     real = np.stack([s.image for s in demo_data.held_out_samples(len(ids), args.seed, run.image_tokenizer.image_size)])  # val.jsonl's images
     table = judge.ceiling_table(real, run.image_tokenizer, images, attrs)
-    result = {**judge.consistency_score(images, attrs), "table": table, "verdicts": judge.verdicts(images, attrs),
-              "seconds": {"sample": sample_s, "score": time.perf_counter() - t}}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    return result
+    sampling = {"cfg_scale": args.cfg_scale, "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}
+    return {**judge.consistency_score(images, attrs), "table": table, "verdicts": judge.verdicts(images, attrs),
+            "sampling": sampling, "seconds": {"sample": sample_s, "score": time.perf_counter() - t}}
 
 
 def regenerate_command(out: Path, args, index: int) -> list[str]:
@@ -167,12 +166,18 @@ def report(out: Path, result: dict, args) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
-    t = time.perf_counter()
+    start = t = time.perf_counter()
     data = make_data(out, args)
+    seconds = {"data": time.perf_counter() - t}
+    t = time.perf_counter()
     train(out, data, args)
+    seconds["train"] = time.perf_counter() - t
     result = sample_and_score(out, data, args)
+    result["seconds"] = {**seconds, **result["seconds"], "total": time.perf_counter() - start}  # the report's phases
+    result["loadavg"] = os.getloadavg()  # 1, 5, 15 minutes: how quiet the machine was while the timings were taken
+    (out / "results.json").write_text(json.dumps(result, indent=2))
     page = report(out, result, args)
-    print(f"[demo] done in {time.perf_counter() - t:.0f} s")
+    print(f"[demo] done in {time.perf_counter() - start:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in result['seconds'].items())})")
     print(f"[demo] report: {page}")
     return 0
 

@@ -65,10 +65,15 @@ def kmeans_plus_plus(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Genera
 
 
 def kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> torch.Tensor:
-    """Weighted Lloyd's algorithm from k-means++ seeds; an empty cluster keeps its previous centroid."""
+    """Weighted Lloyd's algorithm from k-means++ seeds, at most `iters` rounds, stopping early once no point changes
+    cluster (a fixed point); an empty cluster keeps its previous centroid."""
     centroids = kmeans_plus_plus(x, w, k, gen)  # (k, D)
+    previous = None
     for _ in range(iters):
         assign = nearest(x, centroids)  # (N,)
+        if previous is not None and torch.equal(assign, previous):
+            break  # converged: another round would compute the same centroids
+        previous = assign
         sums = torch.zeros_like(centroids).index_add_(0, assign, x * w[:, None])  # (k, D)
         mass = torch.zeros(k, dtype=x.dtype).index_add_(0, assign, w)  # (k,)
         filled = mass > 0

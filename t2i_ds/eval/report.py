@@ -39,13 +39,14 @@ class Judge:
     table: dict[str, dict[str, float]]
     verdicts: list[dict[str, bool]] = field(default_factory=list)
     n: int | None = None  # captions the table was scored on
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase of the run, where recorded
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Judge":
         data = json.loads(Path(path).read_text())
         if "table" not in data:
             raise ValueError(f"{path}: a judge file needs a 'table' ({{row: {{attribute: fraction}}}})")
-        return cls(data["table"], data.get("verdicts", []), data.get("n"))
+        return cls(data["table"], data.get("verdicts", []), data.get("n"), data.get("seconds", {}))
 
 
 def _text(s: str) -> str:
@@ -110,7 +111,8 @@ def judge_section(judge: Judge) -> str:
     columns = list(next(iter(judge.table.values())))
     rows = [[row] + [f"{scores[c]:.3f}" for c in columns] for row, scores in judge.table.items()]
     n = f" on {judge.n} held-out captions" if judge.n else ""
-    return f"<h2>Scores{n}</h2>" + _table(["images"] + columns, rows)
+    timing = _table(["phase", "seconds"], [[k, f"{v:.0f}"] for k, v in judge.seconds.items()]) if judge.seconds else ""
+    return f"<h2>Scores{n}</h2>" + _table(["images"] + columns, rows) + timing
 
 
 def samples_section(images: Sequence[Path], captions: Sequence[str], verdicts: Sequence[dict[str, bool]]) -> str:
