@@ -101,6 +101,10 @@ def throughput(metrics: Sequence[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def _number(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     head = "".join(f"<th>{_text(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{_text(c)}</td>" for c in row) + "</tr>" for row in rows)
@@ -120,9 +124,10 @@ def samples_section(images: Sequence[Path], captions: Sequence[str], verdicts: S
     figures = []
     for i, path in enumerate(images):
         marks = ""
-        if i < len(verdicts):
-            marks = " ".join(f"{k} {MARK[v]}" for k, v in verdicts[i].items() if k != "all")
-            marks = f'<div class="v {"ok" if verdicts[i].get("all") else "bad"}">{_text(marks)}</div>'
+        if i < len(verdicts):  # one mark per attribute, each coloured: the wrong one stands out
+            marks = " ".join(f'<span class="{"ok" if v else "bad"}">{_text(k)} {MARK[v]}</span>'
+                             for k, v in verdicts[i].items() if k != "all")
+            marks = f'<div class="v">{marks}</div>'
         caption = _text(captions[i]) if i < len(captions) else ""
         figures.append(f'<figure><img src="{data_uri(path.read_bytes())}" alt="sample {i}">'
                        f"<figcaption>{caption}{marks}</figcaption></figure>")
@@ -132,7 +137,7 @@ def samples_section(images: Sequence[Path], captions: Sequence[str], verdicts: S
 def training_section(run_dir: Path, metrics: Sequence[dict[str, float]]) -> str:
     png = curves_png(metrics)
     plot = f'<img class="plot" src="{data_uri(png)}" alt="loss and perplexity">' if png else "<p>no metrics logged</p>"
-    perf = [[k, f"{v:,.3g}" if isinstance(v, float) else str(v)] for k, v in throughput(metrics).items()]
+    perf = [[k, _number(v)] for k, v in throughput(metrics).items()]
     last = {k: v for k, v in (metrics[-1] if metrics else {}).items() if k.startswith(("loss/", "ppl/"))}
     final = [[k, f"{v:.4f}"] for k, v in last.items()]
     return (f"<h2>Training</h2>{plot}<h3>Throughput (median over log windows)</h3>{_table(['metric', 'value'], perf)}"
@@ -160,7 +165,7 @@ def config_section(run_dir: Path) -> str:
 STYLE = """body{font-family:sans-serif;margin:16px;max-width:1180px}table{border-collapse:collapse;margin:6px 0}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}
 .grid{display:flex;flex-wrap:wrap;gap:6px}figure{margin:0;width:136px;font-size:11px}
-figure img{width:128px;height:128px;image-rendering:pixelated;border:1px solid #ddd}.v.ok{color:#070}.v.bad{color:#a00}
+figure img{width:128px;height:128px;image-rendering:pixelated;border:1px solid #ddd}.ok{color:#070}.bad{color:#c00;font-weight:bold}
 .plot{max-width:100%}pre{background:#f6f6f6;padding:6px;font-size:11px;white-space:pre-wrap;max-height:420px;overflow:auto}"""
 
 
