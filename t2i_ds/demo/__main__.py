@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-train", type=positive_int, default=10_000)
     p.add_argument("--n-val", type=positive_int, default=200)
     p.add_argument("--steps", type=positive_int, default=1000)
+    p.add_argument("--codebook", type=positive_int, default=demo_data.DemoSizes.codebook_size,
+                   help="image codes of the patch k-means tokenizer (more: a higher tokenizer ceiling, a harder model)")
     p.add_argument("--ranks", type=non_negative_int, default=0, help="processes (0: all GPUs, or 2 CPU ranks)")
     p.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "zero2.json"))
     p.add_argument("--cfg-scale", type=non_negative_float, default=3.0)
@@ -53,10 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_data(out: Path, args) -> Path:
     data = out / "data"
     if (data / demo_data.VOCAB_FILE).is_file() and (data / demo_data.VAL_CAPTIONS).is_file():
+        codebook = demo_data.load_demo_vocab(data).image_size
+        if codebook != args.codebook:
+            raise ValueError(f"{data} holds a {codebook}-code tokenizer, not --codebook {args.codebook}: delete it or "
+                             "choose another --out")
         print(f"[demo] data: reusing {data}")
         return data
     t = time.perf_counter()
-    demo_data.make_demo_dataset(data, args.n_train, args.n_val, args.seed)
+    demo_data.make_demo_dataset(data, args.n_train, args.n_val, args.seed, demo_data.DemoSizes(codebook_size=args.codebook))
     print(f"[demo] data: {args.n_train} training / {args.n_val} held-out pairs in {data} ({time.perf_counter() - t:.0f} s)")
     return data
 
@@ -135,6 +141,7 @@ def regenerate_command(out: Path, args, index: int) -> list[str]:
 def report_commands(out: Path, args) -> list[str]:
     """The commands a reader of the report needs: this demo again, and the report alone."""
     return [f"python -m t2i_ds.demo --out {out} --steps {args.steps} --n-train {args.n_train} --n-val {args.n_val} "
+            f"--codebook {args.codebook} "
             f"--cfg-scale {args.cfg_scale} --temperature {args.temperature} --seed {args.seed}"
             + (f" --top-k {args.top_k}" if args.top_k else ""),
             " ".join(report_command(out))]

@@ -11,7 +11,7 @@
 
 Sizes (`DemoSizes`, the one place they are written) were chosen so that a 4-layer, dim-128 model learns
 the captions on two CPU cores in a few minutes (benchmarks/demo_sizing.py): 32 x 32 images,
-4 x 4 patches -> 64 tokens per image, 4,096 codes, 64 text rows of which the word-level tokenizer uses 36
+4 x 4 patches -> 64 tokens per image, 256 codes, 64 text rows of which the word-level tokenizer uses 36
 (34 words + [PAD] + [UNK]), sequences of 64 + 6 + 14 = 84 tokens (`demo_vocab` derives the last three).
 """
 
@@ -45,12 +45,12 @@ class DemoSizes:
     """Pixels per image side."""
     patch: int = 4
     """Pixels per patch side of the k-means image tokenizer (one token per patch)."""
-    codebook_size: int = 4096
+    codebook_size: int = 256
     """Image codes (k-means centroids). The judge's shape score of held-out images after encode -> decode
     (benchmarks/results/demo_sizing.jsonl, `ceiling`): 0.535 at 256 codes, 0.785 at 1,024, 0.98 at 4,096 (of the
     ~6,200 distinct 4 x 4 patches of 10,000 images): fewer codes average the edge patches that tell shapes apart.
-    The demo model does not yet learn this larger vocabulary in 1,000 steps (generated shape 0.325, colour 0.785;
-    the sizing of model and steps for it is open, see the jsonl)."""
+    Yet the demo model does not learn 4,096 codes in 1,000 steps (generated colour 0.785, shape 0.325, against
+    0.985 / 0.46 at 256), so 256 stays the default until model and steps are sized for more (`--codebook`)."""
     text_size: int = 64
     """Text rows of the vocabulary (at least the word-level tokenizer's 36 ids)."""
 
