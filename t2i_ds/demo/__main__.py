@@ -5,8 +5,10 @@
 2. train the `demo` preset through the DeepSpeed launcher (2 CPU ranks with gloo where there is no
    GPU, all GPUs otherwise), streaming the shards;
 3. sample images for held-out captions (image ids only, top-k, classifier-free guidance), write a PNG
-   grid (and its images as samples/{caption index:06d}.png), and score whether each image shows the
-   caption's colour (and shape, position) with the generator's own classifier, next to chance.
+   grid (and its images as samples/{caption index:06d}.png), and judge whether each image shows the
+   caption's colour, shape, position and background (t2i_ds.demo.judge): the real held-out images, the
+   same after the tokenizer's encode -> decode, and the generated ones, next to chance (results.json);
+4. write report.html (t2i_ds.eval.report), one self-contained page of all of it; its path is printed last.
 
 Every image is a function of its caption, its index in val.jsonl, the seed and the model (t2i_ds.sampling):
 `report` prints the `t2i_ds.generate` command that regenerates one of them alone, identical byte for byte.
