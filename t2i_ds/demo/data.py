@@ -47,8 +47,9 @@ class DemoSizes:
     """Pixels per patch side of the k-means image tokenizer (one token per patch)."""
     codebook_size: int = 256
     """Image codes (k-means centroids). The judge's shape score of held-out images after encode -> decode
-    (benchmarks/results/demo_sizing.jsonl, `ceiling`): 0.535 at 256 codes, 0.785 at 1,024, 0.98 at 4,096 (of the
-    ~6,200 distinct 4 x 4 patches of 10,000 images): fewer codes average the edge patches that tell shapes apart.
+    (benchmarks/results/demo_sizing.jsonl, `ceiling`): 0.535 at 256 codes, 0.785 at 1,024, 0.91 at 2,048, 0.98 at
+    4,096 (of the ~6,200 distinct 4 x 4 patches of 10,000 images): fewer codes average the edge patches that tell
+    shapes apart.
     Yet the demo model does not learn 4,096 codes in 1,000 steps (generated colour 0.785, shape 0.325, against
     0.985 / 0.46 at 256), so 256 stays the default until model and steps are sized for more (`--codebook`)."""
     text_size: int = 64
