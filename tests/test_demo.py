@@ -12,9 +12,8 @@ from tests.test_report import assert_self_contained
 
 # Measured on this test's run (1,000 pairs, 300 steps, 32 held-out captions; load 6-14 from other jobs):
 # background 1.0, position 0.53, colour 0.56, shape 0.22 with the default 256 codes (0.94, 0.50, 0.28, 0.25 with
-# 4,096). An untrained
-# model scores chance (0.33, 0.11, 0.125, 0.25) at best. The shape is not learned at this size, so the test asserts
-# the attributes this size does learn, with margin on both sides.
+# 4,096). An untrained model scores chance (0.33, 0.11, 0.125, 0.25) at best. The shape is not learned at this size,
+# so the test asserts the attributes this size does learn, with margin on both sides.
 LEARNED_AFTER_300_STEPS = {"background": 0.7, "position": 0.3}
 
 
