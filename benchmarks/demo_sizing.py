@@ -1,11 +1,14 @@
-"""Sizing experiment for `make demo`: how much data, model and training reach a colour score >= 0.8?
+"""Sizing experiment for `make demo`: which tokenizer, data, model and training reach the judge's ceiling?
 
-Plain torch (no DeepSpeed) on CPU: builds the demo data set, trains a model preset with AdamW
+Plain torch (no DeepSpeed) on CPU: builds the demo data set (`--patch`, `--codebook`: the image tokenizer),
+scores the judge's ceiling rows once (t2i_ds.demo.judge: the real held-out images, and the same after the
+tokenizer's encode -> decode), trains a model preset with AdamW
 (linear warm-up, cosine decay to 10%) on `<doc> <text> caption </text> <image> codes </image> </doc>`
 samples with 10% caption dropout (empty caption, the CFG-unconditional prompt), and at the
 `--eval_at` steps samples held-out captions and prints the consistency scores
-(t2i_ds.eval.consistency) with and without classifier-free guidance. Appends one JSON row per evaluation to
-benchmarks/results/demo_sizing.jsonl.
+(t2i_ds.demo.judge) for each `--cfg` scale (with `--temperature`, `--top_k`), plus the background score split
+by whether the caption states the background. Appends one JSON row per evaluation to
+benchmarks/results/demo_sizing.jsonl, with the commit, the load average and the ceiling rows.
 
     .venv/bin/python benchmarks/demo_sizing.py --batch 16 --lr 2e-3 --steps 1000 --eval_at 250 500 1000
 """
@@ -15,18 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from t2i_ds.demo.data import DemoSizes, load_demo_vocab, make_demo_dataset, read_val_captions
 from t2i_ds.data.images import to_uint8
-from t2i_ds.demo.tokenizer import PatchKMeansTokenizer
 from t2i_ds.data.shards import list_shards, read_shard
-from t2i_ds.eval.consistency import consistency_score
+from t2i_ds.demo import judge
+from t2i_ds.demo.data import DemoSizes, held_out_samples, load_demo_vocab, make_demo_dataset, read_val_captions
+from t2i_ds.demo.tokenizer import PatchKMeansTokenizer
 from t2i_ds.sampling import generate_images
 from t2i_ds.model.args import model_preset
 from t2i_ds.model.transformer import build_model, count_parameters
@@ -40,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n_train", type=int, default=10_000)
     p.add_argument("--n_val", type=int, default=200)
     p.add_argument("--codebook", type=int, default=DemoSizes.codebook_size)
+    p.add_argument("--patch", type=int, default=DemoSizes.patch)
     p.add_argument("--preset", default="demo")
     p.add_argument("--dim", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
@@ -52,7 +58,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--drop", type=float, default=0.1, help="caption dropout probability")
     p.add_argument("--cfg", type=float, nargs="*", default=[0.0, 3.0])
     p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="each with each --cfg")
+    p.add_argument("--note", default="", help="what this row tries (kept in the row)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from_demo", default=None, help="append a row for a finished `python -m t2i_ds.demo --out DIR` run")
+    p.add_argument("--ceiling_only", action="store_true", help="score the ceiling rows, append them, train nothing")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 where other jobs share the cores)")
     return p.parse_args()
 
 
@@ -78,31 +89,82 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def evaluate(model, vocab, image_tok, val_ids, val_attrs, args) -> dict:
+def states_background(caption: str) -> bool:
+    return "background" in caption
+
+
+def evaluate(model, vocab, image_tok, val_ids, val_attrs, stated: list[bool], args) -> dict:
     out = {}
-    for cfg in args.cfg:
+    for cfg, temperature in [(c, t) for c in args.cfg for t in args.temperature]:
         t = time.perf_counter()
-        codes = generate_images(model, vocab, val_ids, cfg_scale=cfg, top_k=args.top_k, seed=args.seed, batch_size=256)
-        images = to_uint8(image_tok.decode(codes))
-        score = consistency_score(images, val_attrs)
-        out[f"cfg{cfg:g}"] = {k: round(score[k], 3) for k in ("color", "shape", "position", "background", "all")}
-        out[f"cfg{cfg:g}"]["sample_s"] = round(time.perf_counter() - t, 1)
+        codes = generate_images(model, vocab, val_ids, cfg_scale=cfg, top_k=args.top_k, temperature=temperature,
+                                seed=args.seed, batch_size=256)
+        verdicts = judge.verdicts(to_uint8(image_tok.decode(codes)), val_attrs)
+        row = {k: round(v, 3) for k, v in judge.summarise(verdicts).items()}
+        for name, keep in (("background_stated", True), ("background_unstated", False)):
+            picked = [v["background"] for v, s in zip(verdicts, stated) if s == keep]
+            row[name] = round(float(np.mean(picked)), 3) if picked else None
+        name = f"cfg{cfg:g}" + (f"_t{temperature:g}" if temperature != 1.0 else "")
+        out[name] = {**row, "sample_s": round(time.perf_counter() - t, 1)}
     return out
+
+
+def ceilings(image_tok, val_attrs, args) -> dict:
+    """The judge's real and tokenizer rows on the held-out images (rounded)."""
+    real = np.stack([s.image for s in held_out_samples(len(val_attrs), args.seed, image_tok.image_size)])
+    rows = {"real": judge.verdicts(real, val_attrs), "tokenizer": judge.verdicts(judge.round_trip(image_tok, real), val_attrs)}
+    return {name: {k: round(v, 3) for k, v in judge.summarise(v).items()} for name, v in rows.items()}
+
+
+def provenance() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout)
+    return {"commit": commit + ("+dirty" if dirty else ""), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def record_head(args) -> dict:
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(), "torch": torch.__version__, **provenance(),
+            "threads": torch.get_num_threads(), "args": vars(args)}
+
+
+def append(record: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def demo_row(out: Path) -> dict:
+    """The row of a finished demo run: its settings (resolved config), ceiling table, phase timings, load average."""
+    result = json.loads((out / "results.json").read_text())
+    cfg = json.loads((out / "train" / "config.json").read_text())
+    settings = {"steps": cfg["train"]["steps"], "tokens_per_step": cfg["train"]["tokens_per_step"], "lr": cfg["optim"]["lr"],
+                "codebook": cfg["vocab"]["image_size"], "model": cfg["model"], "caption_dropout": cfg["data"]["caption_dropout"]}
+    return {"demo": str(out), "settings": settings, "sampling": result.get("sampling"), "table": result["table"], "seconds": result["seconds"],
+            "loadavg_at_end": result.get("loadavg")}
 
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(2)
+    if args.from_demo:
+        append({**record_head(args), **demo_row(Path(args.from_demo))})
+        return
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data = Path(args.data)
     t0 = time.perf_counter()
     if not (data / "demo_vocab.json").exists():
-        make_demo_dataset(data, args.n_train, args.n_val, args.seed, DemoSizes(codebook_size=args.codebook))
+        make_demo_dataset(data, args.n_train, args.n_val, args.seed, DemoSizes(codebook_size=args.codebook, patch=args.patch))
     data_s = time.perf_counter() - t0
     vocab = load_demo_vocab(data)
     image_tok = PatchKMeansTokenizer.load(data / "image_tokenizer")
     ids, codes = load_split(data, "train")
     val_ids, val_attrs = read_val_captions(data)
+    stated = [states_background(json.loads(line)["caption"]) for line in (data / "val.jsonl").read_text().splitlines()]
+    ceiling = ceilings(image_tok, val_attrs, args)
+    print("ceilings", json.dumps(ceiling), flush=True)
+    if args.ceiling_only:
+        append({**record_head(args), "data_s": round(data_s, 1), "ceiling": ceiling})
+        return
     overrides = {k: v for k, v in (("dim", args.dim), ("n_layers", args.layers), ("n_heads", args.heads)) if v}
     margs = model_preset(args.preset, vocab_size=vocab.size, seq_len=vocab.seq_len, loss_impl="torch", **overrides)
     model = build_model(margs, vocab.modality_bounds)
@@ -126,16 +188,12 @@ def main() -> None:
         cpu_s += time.process_time() - c
         if step in args.eval_at:
             image_loss = (out.modality_sums[1] / out.modality_counts[1]).item()
-            row = {"step": step, "train_s": round(train_s, 1), "s_per_step": round(train_s / step, 3),
+            row = {"step": step, "wall_s": round(time.perf_counter() - t0, 1), "train_s": round(train_s, 1), "s_per_step": round(train_s / step, 3),
                    "cpu_s_per_step_per_thread": round(cpu_s / step / torch.get_num_threads(), 3),
                    "loss": round(loss.item(), 3), "image_loss": round(image_loss, 3),
-                   **evaluate(model, vocab, image_tok, val_ids, val_attrs, args)}
+                   **evaluate(model, vocab, image_tok, val_ids, val_attrs, stated, args)}
             print(json.dumps(row), flush=True)
-            record = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(), "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "args": vars(args), "params": count_parameters(model), **row}
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            with RESULTS.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append({**record_head(args), "params": count_parameters(model), "ceiling": ceiling, **row})
 
 
 if __name__ == "__main__":

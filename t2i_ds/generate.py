@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import t2i_ds.demo  # noqa: F401  (registers the demo's image tokenizer kind, demo:DIR)
 from t2i_ds.cli import non_negative_float, non_negative_int, positive_float, positive_int, top_k
 from t2i_ds.data.images import to_uint8
 from t2i_ds.sampling import generate_images, save_grid

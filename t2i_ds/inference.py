@@ -73,7 +73,7 @@ class InferenceRun:
 
 def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str = "cpu") -> InferenceRun:
     """The model of `run_dir` with the text and image tokenizers named in its config."""
-    from t2i_ds.data.images import load_image_tokenizer
+    from t2i_ds.data.image_tokenizers import load_image_tokenizer
     from t2i_ds.data.tokenizers import TextTokenizer
     from t2i_ds.trainer import jit_cache
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+import t2i_ds.demo  # noqa: F401  (registers the demo's image tokenizer kind, demo:DIR)
 from t2i_ds.data.decode_shards import decode_shards
 
 

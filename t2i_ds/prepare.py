@@ -10,8 +10,10 @@ import argparse
 import logging
 import os
 
+import t2i_ds.demo  # noqa: F401  (registers the demo's image tokenizer kind, demo:DIR)
 from t2i_ds.cli import non_negative_int, positive_int
-from t2i_ds.data.images import SMALL_POLICIES, parse_image_tokenizer_spec
+from t2i_ds.data.image_tokenizers import parse_image_tokenizer_spec
+from t2i_ds.data.images import SMALL_POLICIES
 from t2i_ds.data.prepare import run
 from t2i_ds.data.shards import length_summary
 from t2i_ds.vocab import Vocab

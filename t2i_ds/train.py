@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve(args: argparse.Namespace):
     """(Config, ds_config dict) from the command line; ConfigError names what is wrong."""
-    import t2i_ds.demo.preset  # noqa: F401  (registers the demo preset)
+    import t2i_ds.demo.preset  # noqa: F401  (registers the demo preset, and the package its tokenizer kind)
     from t2i_ds.trainer.batching import read_ds_config
 
     ds_config = read_ds_config(args.ds_config)

@@ -59,4 +59,4 @@ def test_demo_preset_vocab_is_the_demo_sizes():
     assert (v.image_size, v.image_tokens, v.text_size) == (sizes.codebook_size, (sizes.image_px // sizes.patch) ** 2,
                                                            sizes.text_size)
     assert v.real_text_size == len(shapes.words()) + 2 and v.pad_id == 0  # [PAD] = 0, [UNK] = 1, the words
-    assert (v.seq_len, v.image_tokens, v.real_text_size) == (81, 64, 36)  # the documented demo numbers
+    assert (v.seq_len, v.image_tokens, v.real_text_size) == (84, 64, 36)  # the documented demo numbers

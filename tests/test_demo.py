@@ -1,5 +1,6 @@
-"""`make demo` end to end at a tiny scale: data, 2 CPU ranks through the DeepSpeed launcher, samples, score."""
+"""`make demo` end to end at a tiny scale: data, 2 CPU ranks through the DeepSpeed launcher, samples, score, report."""
 
+import base64
 import json
 
 import numpy as np
@@ -7,20 +8,30 @@ import pytest
 from PIL import Image
 
 from t2i_ds.demo.__main__ import main as demo_main, parse_args, regenerate_command
+from tests.test_report import assert_self_contained
+
+# Measured on this test's run (1,000 pairs, 300 steps, 32 held-out captions; load 6-14 from other jobs):
+# background 1.0, position 0.53, colour 0.56, shape 0.22 with the default 256 codes (0.94, 0.50, 0.28, 0.25 with
+# 4,096). An untrained model scores chance (0.33, 0.11, 0.125, 0.25) at best. The shape is not learned at this size,
+# so the test asserts the attributes this size does learn, with margin on both sides.
+LEARNED_AFTER_300_STEPS = {"background": 0.7, "position": 0.3}
 
 
 @pytest.mark.slow
 def test_demo_pipeline_small(tmp_path, monkeypatch, capsys):
-    """300 steps on 1,000 pairs: enough for the colour of held-out captions to show in the samples far above
-    chance (measured 0.69 on 32 held-out captions against chance 0.125; benchmarks/demo_sizing.py has the curve)."""
+    """300 steps on 1,000 pairs: the background and position of held-out captions show in the samples far above chance."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     args = ["--out", str(tmp_path), "--n-train", "1000", "--n-val", "32", "--steps", "300", "--grid", "8"]
     assert demo_main(args) == 0
     out = capsys.readouterr().out
-    assert "color     consistency" in out and "chance 0.125" in out
+    for row in ("real", "tokenizer", "generated", "chance"):
+        assert f"\n  {row} " in out  # the three-row ceiling table and chance
+    assert out.strip().splitlines()[-1] == f"[demo] report: {tmp_path / 'report.html'}"  # its path printed last
     score = json.loads((tmp_path / "results.json").read_text())
-    assert score["n"] == 32 and score["chance_color"] == 0.125
-    assert score["color"] >= 0.4, score  # >= 13 of 32 right; a model that ignores the caption gets ~4
+    assert score["n"] == 32 and score["chance_color"] == 0.125 and len(score["verdicts"]) == 32
+    assert min(score["table"]["real"].values()) >= 0.95, score["table"]  # the judge's own ceiling (1 miss of 32 at most)
+    assert all(score[k] >= v for k, v in LEARNED_AFTER_300_STEPS.items()), score
+    assert score["table"]["generated"]["shape"] == score["shape"]
     assert Image.open(tmp_path / "samples.png").size[0] > 8 * 32
     cfg = json.loads((tmp_path / "train" / "config.json").read_text())
     plan = json.loads((tmp_path / "train" / "plan.json").read_text())
@@ -47,7 +58,19 @@ def test_demo_pipeline_small(tmp_path, monkeypatch, capsys):
     gen_mod.main(cmd[3:])  # after `python -m t2i_ds.generate`
     alone = (tmp_path / "alone" / "000005.png").read_bytes()
     assert alone == (tmp_path / "samples" / "000005.png").read_bytes()
+    check_report(tmp_path, 8)
     image = np.asarray(Image.open(tmp_path / "alone" / "000005.png"))  # (32, 32, 3)
     grid = np.asarray(Image.open(tmp_path / "samples.png").convert("RGB"))
     tile = grid[: 32 * 4 : 4, 5 * (32 * 4 + 2) : 5 * (32 * 4 + 2) + 32 * 4 : 4]  # row 0, column 5, upscaled x4
     assert np.array_equal(tile, image)
+
+
+def check_report(out, n_grid: int) -> None:
+    """report.html names every grid caption, embeds every grid image (byte for byte) and fetches nothing."""
+    page = (out / "report.html").read_text()
+    captions = [json.loads(line)["caption"] for line in (out / "data" / "val.jsonl").read_text().splitlines()]
+    assert all(c in page for c in captions[:n_grid])
+    for i in range(n_grid):
+        assert base64.b64encode((out / "samples" / f"{i:06d}.png").read_bytes()).decode() in page
+    assert_self_contained(page)
+    assert "✓" in page and "tensorboard --logdir" in page and "python -m t2i_ds.demo" in page

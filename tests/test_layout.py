@@ -1,5 +1,6 @@
 """The package's layering: a module is a command or library code, never both; library code never imports a command;
-nothing outside t2i_ds/paper imports paper/; README's layout section names every module and package.
+nothing outside t2i_ds/paper imports paper/; nothing outside t2i_ds/demo imports the demo but the few stated below;
+README's layout section names every module and package.
 
 A command is a module with an `if __name__ == "__main__":` block (or a package's `__main__.py`); it exposes
 `parse_args(argv)` and `main(argv)` so the documentation test can parse every documented command line.
@@ -77,6 +78,31 @@ def test_nothing_imports_a_command(name):
 def test_nothing_outside_paper_imports_paper(name):
     bad = sorted(m for m in imported_modules(name) if m.startswith("t2i_ds.paper"))
     assert not bad, f"{name} imports {bad}: the paper's analyses are leaves"
+
+
+# The demo is a guest: it uses eval/data/model, never the other way round. The exceptions, each strictly needed:
+# - commands that take an image-tokenizer spec or a run import the package `t2i_ds.demo` only, which registers the
+#   `demo:DIR` kind with t2i_ds.data.image_tokenizers (a demo run's spec must resolve from a fresh shell);
+# - the train command imports `t2i_ds.demo.preset` for `--preset demo`;
+# - the paper's analyses are leaves themselves and run on the demo's data (t2i_ds.paper.compare_init).
+DEMO_REGISTRATION = {"t2i_ds.demo"}
+DEMO_IMPORTERS = {"t2i_ds.generate": DEMO_REGISTRATION, "t2i_ds.eval.__main__": DEMO_REGISTRATION,
+                  "t2i_ds.prepare": DEMO_REGISTRATION, "t2i_ds.inspect_shards": DEMO_REGISTRATION,
+                  "t2i_ds.train": {"t2i_ds.demo", "t2i_ds.demo.preset"}}
+
+
+def is_demo(module: str) -> bool:
+    return module == "t2i_ds.demo" or module.startswith("t2i_ds.demo.")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if not is_demo(n) and not n.startswith("t2i_ds.paper")))
+def test_nothing_outside_demo_imports_demo(name):
+    bad = sorted(m for m in imported_modules(name) if is_demo(m) and m not in DEMO_IMPORTERS.get(name, set()))
+    assert not bad, f"{name} imports {bad}: the demo is a guest (register through a registry, or move the code into demo/)"
+
+
+def test_demo_importers_are_commands():
+    assert set(DEMO_IMPORTERS) <= set(COMMANDS)  # library code never gets an exception
 
 
 @pytest.mark.parametrize("name", COMMANDS)

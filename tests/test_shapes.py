@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from t2i_ds.demo import shapes
-from t2i_ds.eval.consistency import consistency_score
+from t2i_ds.demo import judge
+from t2i_ds.demo.judge import consistency_score
+from t2i_ds.demo.tokenizer import PatchKMeansTokenizer, to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,7 @@ def test_caption_names_the_attributes(samples):
     for s in samples:
         a, text = s.attributes, s.caption.replace("-", " ")
         assert f" {a.color} " in f" {text} " and f" {a.shape}" in f" {text}" and a.position in text
+        assert f"{a.background} background" in text  # every attribute the judge scores is stated
         assert set(s.caption.replace(",", " , ").replace(":", " : ").replace("-", " - ").split()) <= set(shapes.words())
 
 
@@ -77,3 +80,23 @@ def test_consistency_score(samples):
     assert shuffled["color"] < 0.3 and shuffled["all"] < 0.05
     with pytest.raises(ValueError):
         consistency_score(images, attrs[:-1])
+
+
+def test_verdict_per_attribute():
+    truth = shapes.ShapeAttributes("red", "circle", "top", "left", "white")
+    assert judge.verdict(truth, truth) == {"color": True, "shape": True, "position": True, "background": True, "all": True}
+    wrong = judge.verdict(shapes.ShapeAttributes("red", "square", "top", "center", "white"), truth)
+    assert wrong == {"color": True, "shape": False, "position": False, "background": True, "all": False}
+
+
+def test_ceiling_table_places_the_loss(samples):
+    """real >= 0.98 everywhere; a 16-code tokenizer loses shapes; images of other captions score near chance."""
+    real, attrs = np.stack([s.image for s in samples[:100]]), [s.attributes for s in samples[:100]]
+    coarse = PatchKMeansTokenizer.fit(to_tensor(real), codebook_size=16, patch=8, seed=0)
+    table = judge.ceiling_table(real, coarse, np.roll(real, 1, axis=0), attrs)
+    assert list(table) == list(judge.ROWS)
+    assert min(table["real"].values()) >= 0.98, table["real"]
+    assert table["tokenizer"]["shape"] < table["real"]["shape"] - 0.2, table["tokenizer"]
+    assert table["generated"]["color"] < 0.3 and table["chance"]["all"] == pytest.approx(1 / (8 * 4 * 9 * 3))
+    lines = judge.format_table(table)
+    assert len(lines) == 5 and lines[1].split()[0] == "real" and "shape" in lines[0]

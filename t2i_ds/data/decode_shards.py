@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from t2i_ds.data.images import load_image_tokenizer, to_pil
+from t2i_ds.data.image_tokenizers import load_image_tokenizer
+from t2i_ds.data.images import to_pil
 from t2i_ds.data.shards import list_shards, read_manifest, read_shard
 
 

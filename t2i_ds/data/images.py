@@ -1,4 +1,4 @@
-"""Image decoding and conversion for `prepare`, and the image-tokenizer factory.
+"""Image decoding and conversion for `prepare` (image tokenizers are found in data/image_tokenizers.py).
 
 Every image becomes RGB, center-cropped to a square and resized to `image_size`, then a float tensor
 (3, H, W) in [-1, 1] (the ImageTokenizer input range).
@@ -7,8 +7,6 @@ Every image becomes RGB, center-cropped to a square and resized to `image_size`,
 from __future__ import annotations
 
 import io
-from typing import Any
-
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -86,45 +84,3 @@ def load_and_prepare(data: bytes, size: int, small: str = "upscale") -> tuple[to
     img = decode_image(data)
     original, mode = img.size, img.mode
     return to_tensor(center_crop_resize(to_rgb(img), size, small)), original, mode
-
-
-# ---- image tokenizers --------------------------------------------------------------------------------
-def load_image_tokenizer(spec: str, **kwargs: Any):
-    """`movqgan:DIR` (diffusers VQModel directory) or `demo:DIR` (patch k-means) -> an ImageTokenizer.
-
-    kwargs (image_size, batch_size, device) go to MoVQGAN only; the demo tokenizer fixes its own size.
-    """
-    kind, path = parse_image_tokenizer_spec(spec)
-    if kind == "movqgan":
-        from t2i_ds.data.movqgan import MoVQGANTokenizer
-
-        return MoVQGANTokenizer.load(path, **kwargs)
-    if kind == "demo":
-        from t2i_ds.demo.tokenizer import PatchKMeansTokenizer  # lazy: optional module
-
-        return PatchKMeansTokenizer.load(path)
-    raise AssertionError(kind)  # parse_image_tokenizer_spec admits only the kinds above
-
-
-def parse_image_tokenizer_spec(spec: str) -> tuple[str, str]:
-    """`kind:DIR` -> (kind, DIR); ValueError (one line) for a malformed spec or an unknown kind."""
-    kind, sep, path = spec.partition(":")
-    if not sep or not path:
-        raise ValueError(f"image tokenizer spec {spec!r} must be 'movqgan:DIR' or 'demo:DIR'")
-    if kind not in ("movqgan", "demo"):
-        raise ValueError(f"unknown image tokenizer kind {kind!r} in {spec!r} (known: movqgan, demo)")
-    return kind, path
-
-
-def describe_image_tokenizer(tok, spec: str) -> dict:
-    """The manifest entry of an image tokenizer: name, path, codebook_size, grid, image_size."""
-    if hasattr(tok, "describe"):
-        return tok.describe()
-    kind, _, path = spec.partition(":")
-    return {
-        "name": kind,
-        "path": path,
-        "codebook_size": int(tok.codebook_size),
-        "grid": list(tok.grid),
-        "image_size": int(tok.image_size),
-    }

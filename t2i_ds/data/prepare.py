@@ -36,7 +36,8 @@ import torch
 import webdataset as wds
 
 from t2i_ds.atomic import atomic_write_bytes, clean_stale_temporaries
-from t2i_ds.data.images import SkipImage, describe_image_tokenizer, load_and_prepare, load_image_tokenizer
+from t2i_ds.data.image_tokenizers import describe_image_tokenizer, load_image_tokenizer
+from t2i_ds.data.images import SkipImage, load_and_prepare
 from t2i_ds.data.shards import (
     MANIFEST,
     ShardSample,

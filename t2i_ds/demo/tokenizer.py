@@ -65,10 +65,15 @@ def kmeans_plus_plus(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Genera
 
 
 def kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> torch.Tensor:
-    """Weighted Lloyd's algorithm from k-means++ seeds; an empty cluster keeps its previous centroid."""
+    """Weighted Lloyd's algorithm from k-means++ seeds, at most `iters` rounds, stopping early once no point changes
+    cluster (a fixed point); an empty cluster keeps its previous centroid."""
     centroids = kmeans_plus_plus(x, w, k, gen)  # (k, D)
+    previous = None
     for _ in range(iters):
         assign = nearest(x, centroids)  # (N,)
+        if previous is not None and torch.equal(assign, previous):
+            break  # converged: another round would compute the same centroids
+        previous = assign
         sums = torch.zeros_like(centroids).index_add_(0, assign, x * w[:, None])  # (k, D)
         mass = torch.zeros(k, dtype=x.dtype).index_add_(0, assign, w)  # (k,)
         filled = mass > 0
@@ -111,7 +116,9 @@ class PatchKMeansTokenizer:
         if tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
             raise ValueError(f"expected (B, 3, {self.image_size}, {self.image_size}) images, got {tuple(images.shape)}")
         x = patchify(images.float(), self.patch)  # (B, T, D)
-        return nearest(x.flatten(0, 1), self.codebook.to(x.device)).view(x.shape[:2])
+        # synthetic images repeat patches heavily: the distances of the distinct ones only, (N, K) with N << B * T
+        distinct, inverse = torch.unique(x.flatten(0, 1), dim=0, return_inverse=True)
+        return nearest(distinct, self.codebook.to(x.device))[inverse].view(x.shape[:2])
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, T) int64 codes -> (B, 3, S, S) float in [-1, 1] (the centroids, no re-quantisation)."""

@@ -10,6 +10,10 @@
 `fid`: COCO FID (and CLIP score) of a run's samples, the GigaGAN / clean-fid protocol (t2i_ds.eval.fid describes
 it): with --run it generates the images first (resumable); with --images it scores PNGs already written, e.g. by
 `deepspeed --num_gpus 8 --module t2i_ds.generate --out_dir samples/ ...`.
+`report`: one self-contained HTML page of a run (t2i_ds.eval.report): samples with their captions (and verdicts
+where a judge file gives them), score table, loss and perplexity per modality, throughput, commands, config.
+
+    python -m t2i_ds.eval report --run-dir RUN_DIR --samples samples/ --captions coco30k.jsonl --out report.html
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from typing import Sequence
 
 import torch
 
+import t2i_ds.demo  # noqa: F401  (registers the demo's image tokenizer kind, demo:DIR)
 from t2i_ds.cli import non_negative_float, non_negative_int, positive_float, positive_int, top_k
-from t2i_ds.eval import fid, generation
+from t2i_ds.eval import fid, generation, report
 
 
 def load_run(run_dir, checkpoint: str | None, device: str):
@@ -61,6 +66,13 @@ def fid_main(args) -> int:
     return 0
 
 
+def report_main(args) -> int:
+    page = report.write_report(args.run_dir, args.out or Path(args.run_dir) / "report.html", samples=args.samples,
+                        captions=args.captions, judge=args.judge, n=args.n or None)
+    print(f"wrote {page}")
+    return 0
+
+
 def coco_captions_main(args) -> int:
     rows, info = generation.coco_captions(args.annotations, args.n, args.seed)
     out = generation.write_captions(rows, info, args.out)
@@ -96,6 +108,15 @@ def add_coco_arguments(p) -> None:
     p.add_argument("--out", default="coco30k.jsonl", help="the caption list (.jsonl; line i = caption index i)")
 
 
+def add_report_arguments(p) -> None:
+    p.add_argument("--run-dir", required=True, help="training run directory (config.json, metrics.jsonl, tb/)")
+    p.add_argument("--samples", default=None, help="folder of {caption index:06d}.png to show (default: none)")
+    p.add_argument("--captions", default=None, help=".txt (one caption a line) or .jsonl ('caption' key): image i's caption")
+    p.add_argument("--judge", default=None, help="JSON with a score 'table' and per-image 'verdicts' (the demo's results.json)")
+    p.add_argument("--n", type=non_negative_int, default=64, help="show the first n samples (0: all)")
+    p.add_argument("--out", default=None, help="the HTML file (default: RUN_DIR/report.html)")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="t2i_ds.eval", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -103,12 +124,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      description=fid.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     add_coco_arguments(sub.add_parser("coco-captions", help="one caption per COCO image id, reproducibly",
                                       description=generation.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    add_report_arguments(sub.add_parser("report", help="one self-contained HTML page of a run",
+                                        description=report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return coco_captions_main(args) if args.command == "coco-captions" else fid_main(args)
+    commands = {"coco-captions": coco_captions_main, "fid": fid_main, "report": report_main}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

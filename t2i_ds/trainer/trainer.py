@@ -346,7 +346,7 @@ class Trainer:
         t = self.cfg.train
         if not t.sample_every:
             return None
-        from t2i_ds.data.images import load_image_tokenizer
+        from t2i_ds.data.image_tokenizers import load_image_tokenizer
         from t2i_ds.data.tokenizers import TextTokenizer
 
         ids = TextTokenizer(t.text_tokenizer or None).encode_batch(list(t.sample_captions))
