@@ -36,7 +36,7 @@ MULTINODE_ALL = "T2I_DS_MULTINODE_ALL"  # =1 runs the opt-in multi-node launches
 def pytest_configure(config):
     # registered here, not in pyproject.toml: the venv's stamp depends on pyproject (a change rebuilds it)
     config.addinivalue_line("markers", f"multinode_all: the further multi-node launches of tests/test_multinode.py "
-                                       f"(torchrun, c10d, resume on the surviving node, launcher misuse); {MULTINODE_ALL}=1")
+                                       f"(resume on the surviving node, launcher misuse, the master node lost); {MULTINODE_ALL}=1")
 
 
 # `make test` spreads the suite over two pytest-xdist workers with --dist loadgroup: a module's tests stay on one

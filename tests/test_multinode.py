@@ -9,10 +9,11 @@ In `make test` (each launch costs 15-30 s on two cores):
   * a node SIGKILLed or SIGSTOPped (hung) mid-run ends the survivor within 2 x train.collective_timeout_s with one
     line naming the node and the last complete checkpoint, exit status 3, no partial checkpoint;
   * a process group that cannot form (a rank whose master never comes) ends with one line, exit status 2.
+  * torchrun --nnodes 2 with a static and with a c10d rendezvous trains the same losses and sample ids as one
+    launcher.
 The three failures run at once: their waits for the timeout overlap.
-Opt-in (T2I_DS_MULTINODE_ALL=1, marker `multinode_all`, about 2 minutes more): torchrun --nnodes 2 (static and c10d
-rendezvous), `train.resume=auto` on the surviving node alone, DeepSpeed's launcher given a wrong --node_rank, and the
-loss of node 0 (which hosts the rendezvous store).
+Opt-in (T2I_DS_MULTINODE_ALL=1, marker `multinode_all`, about 2 minutes more): `train.resume=auto` on the surviving
+node alone, DeepSpeed's launcher given a wrong --node_rank, and the loss of node 0 (which hosts the rendezvous store).
 """
 
 from __future__ import annotations
@@ -247,9 +248,8 @@ def assert_cannot_form_line(node: Node, port: str) -> None:
     assert f"rank 1 of 2 could not join the process group at {HOSTS[0]}:{port} within train.collective_timeout_s=2" in line
 
 
-# ---- opt-in: the other launchers and forms --------------------------------------------------------------
+# ---- torchrun: the other launcher ---------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.multinode_all
 @pytest.mark.parametrize("rdzv", ["static", "c10d"])
 def test_torchrun_two_nodes_match_one_launcher(tmp_path, debug_run, rdzv):
     ref = debug_run("zero2_x2")
