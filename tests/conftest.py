@@ -39,10 +39,31 @@ def pytest_configure(config):
                                        f"(resume on the surviving node, launcher misuse, the master node lost); {MULTINODE_ALL}=1")
 
 
-# `make test` spreads the suite over two pytest-xdist workers with --dist loadgroup: a module's tests stay on one
-# worker (its module-scoped runs are made once), and the modules that read the session's shared debug-model runs
-# (the `debug_run` fixture) share one worker, so each of those DeepSpeed launches happens once per suite.
+# `make test` spreads the suite over two pytest-xdist workers (`--dist loadscope`, with the scheduler below): a
+# module's tests stay on one worker, so its module-scoped runs are made once, and the modules that read the session's
+# shared debug-model runs (the `debug_run` fixture) share one worker, so each of those DeepSpeed launches happens once
+# per suite. (Not xdist's `loadgroup` with `xdist_group` marks: with pytest 9.2 its node-id suffix is ignored and
+# every test is scheduled alone, so module fixtures ran once per worker.)
 DEBUG_RUN_GROUP = "debug_runs"
+DEBUG_RUN_MODULES = ("test_export", "test_multinode", "test_train")  # checked at collection, below
+
+
+def _group(nodeid: str) -> str:
+    """tests/test_x.py::test_y[p] -> the scheduling unit: the module, or DEBUG_RUN_GROUP for the debug-run readers."""
+    module = nodeid.split("::", 1)[0]
+    return DEBUG_RUN_GROUP if Path(module).stem in DEBUG_RUN_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return ModuleScheduling(config, log)
 
 
 def _uses_debug_runs(item) -> bool:
@@ -52,11 +73,10 @@ def _uses_debug_runs(item) -> bool:
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_multinode = pytest.mark.skip(reason=f"opt-in multi-node launch: set {MULTINODE_ALL}=1")
-    debug_modules = {item.module.__name__ for item in items if _uses_debug_runs(item)}
+    strays = sorted({item.module.__name__ for item in items if _uses_debug_runs(item)} - set(DEBUG_RUN_MODULES))
+    if strays:  # else these modules would train the debug runs a second time, on the other worker
+        raise pytest.UsageError(f"tests/conftest.py: add {strays} to DEBUG_RUN_MODULES (they use the debug_run fixture)")
     for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            group = DEBUG_RUN_GROUP if item.module.__name__ in debug_modules else item.module.__name__
-            item.add_marker(pytest.mark.xdist_group(group))
         if "requires_cuda" in item.keywords and not _HAS_CUDA:
             item.add_marker(skip_cuda)
         if "multinode_all" in item.keywords and os.environ.get(MULTINODE_ALL) != "1":

@@ -26,6 +26,7 @@ import contextlib
 import importlib
 import importlib.util
 import io
+import json
 import os
 import re
 import shlex
@@ -115,6 +116,25 @@ def check_module_args(module: str, args: list[str]) -> None:
         assert rc == 0, f"t2i_ds.train --dry-run {shlex.join(args)}: {err.getvalue().strip()}"
 
 
+# pip's own option parser, in a child process: importing pip switches off setuptools' distutils shim for the rest of
+# the process (_distutils_hack's spec_for_pip), and a later `import setuptools` (torch's cpp_extension, the C++ ops)
+# then fails on the stdlib distutils.
+PIP_PARSE = """
+import json, sys
+from pip._internal.commands import create_command
+options, _ = create_command("install").parse_args(sys.argv[1:])
+print(json.dumps({"requirements": options.requirements, "editables": options.editables}))
+"""
+
+
+def pip_install_options(args: list[str]) -> dict:
+    """`pip install ARGS` as pip parses it: {"requirements": [...], "editables": [...]}; a rejected flag fails."""
+    proc = subprocess.run([sys.executable, "-c", PIP_PARSE, *args], capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 0, f"pip install rejects it: {err[-1] if err else proc.returncode}"
+    return json.loads(proc.stdout)
+
+
 def check(cmd: Command) -> None:
     prog, *rest = cmd.argv
     if prog == "deepspeed":
@@ -149,15 +169,9 @@ def check(cmd: Command) -> None:
         proc = subprocess.run(["make", "-n", *rest], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, f"make -n {shlex.join(rest)}: {proc.stderr.strip()}"
     elif prog in ("pip", "pip3") and rest[:1] == ["install"]:
-        from pip._internal.commands import create_command
-
-        try:
-            with contextlib.redirect_stderr(io.StringIO()) as err:
-                options, _ = create_command("install").parse_args(rest[1:])
-        except SystemExit as e:
-            raise AssertionError(f"pip install rejects it: {_last_line(err)}") from e
-        missing = [f for f in options.requirements if not (ROOT / f).is_file()]
-        missing += [e for e in options.editables if not (ROOT / e / "pyproject.toml").is_file()]
+        options = pip_install_options(rest[1:])
+        missing = [f for f in options["requirements"] if not (ROOT / f).is_file()]
+        missing += [e for e in options["editables"] if not (ROOT / e / "pyproject.toml").is_file()]
         assert not missing, f"pip install names files the repository does not have: {missing}"
     elif prog == "apt-get":  # the Debian packages the project's commands read (the replication's corpus)
         from t2i_ds.paper.corpus import DEBIAN_PACKAGE
