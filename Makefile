@@ -4,26 +4,32 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install -q --no-deps
-LOCKS := requirements/bootstrap.lock requirements/cpu.lock requirements/nodeps.lock
+LOCKS := requirements/uv.lock requirements/bootstrap.lock requirements/cpu.lock requirements/nodeps.lock
 STAMP := $(VENV)/.installed
 # DeepSpeed's JIT-built ops live inside the environment: venvs never rebuild or lock each other's
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+# where the CPU torch wheel is found: this machine's disk, or PyTorch's CPU index elsewhere
+TORCH_SOURCE ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+# uv installs (pip took ~4x as long: serial downloads, and byte-compiling all of torch); no package comes from
+# anywhere but a lock, every one checked against its hash
+UV_INSTALL = $(VENV)/bin/uv pip install -q --python $(PY) --no-deps $(TORCH_SOURCE)
 
 .PHONY: venv test demo bench lock test-latest clean
 
 venv: $(STAMP)
 
 # --clear: a lock change rebuilds the venv from nothing, so nothing the lock no longer names survives.
-# Pass 1 installs the installers and torch; pass 2 the rest (DeepSpeed builds from source against that torch,
-# hence --no-build-isolation); pass 3 the project itself (editable, no dependencies of its own: the locks
-# hold them all); pass 4 clean-fid outside site-packages (requirements/nodeps.in says why).
+# Pass 0: pip installs uv (requirements/uv.lock). Then uv: pass 1 the installers and torch; pass 2 the rest
+# (DeepSpeed builds from source against that torch, hence --no-build-isolation); pass 3 the project itself
+# (editable, no dependencies of its own: the locks hold them all); pass 4 clean-fid outside site-packages
+# (requirements/nodeps.in says why). `pip check` last.
 $(STAMP): pyproject.toml $(LOCKS)
 	$(PYTHON) -m venv --clear $(VENV)
-	$(PIP) --require-hashes -r requirements/bootstrap.lock
-	$(PIP) --require-hashes --no-build-isolation -r requirements/cpu.lock
-	$(PIP) --no-build-isolation -e .
-	$(PIP) --require-hashes --target $(VENV)/nodeps -r requirements/nodeps.lock
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements/uv.lock
+	$(UV_INSTALL) --require-hashes -r requirements/bootstrap.lock
+	$(UV_INSTALL) --require-hashes --no-build-isolation -r requirements/cpu.lock
+	$(UV_INSTALL) --no-build-isolation -e .
+	$(UV_INSTALL) --require-hashes --target $(VENV)/nodeps -r requirements/nodeps.lock
 	$(PY) -m pip check
 	touch $(STAMP)
 
@@ -32,7 +38,7 @@ $(STAMP): pyproject.toml $(LOCKS)
 # cores: the DeepSpeed launches wait on process start-up and rendezvous, the Triton interpreter on one core.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
 
 # the demo uses all GPUs when there are any, else 2 CPU ranks (gloo)
 demo: $(STAMP)
@@ -42,17 +48,16 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_fused_ce.py
 	$(PY) benchmarks/bench_attention.py
 
-# Regenerate the locks with uv (pinned, in its own venv). Versions already locked are kept where they still
-# resolve; `make lock LOCK_FLAGS=--upgrade` moves everything to the newest release pyproject's ranges allow.
-UV_PIN ?= uv==0.13.9
+# Regenerate the locks with uv (the version requirements/uv.in pins, in its own venv). Versions already locked are
+# kept where they still resolve; `make lock LOCK_FLAGS=--upgrade` moves everything to the newest release pyproject's
+# ranges allow.
 LOCK_VENV ?= .venv-lock
-# where the CPU torch wheel is found: this machine's disk, or PyTorch's CPU index elsewhere
-TORCH_SOURCE ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 UV_COMPILE = $(LOCK_VENV)/bin/uv pip compile -q --generate-hashes --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 $(TORCH_SOURCE) --custom-compile-command "make lock" $(LOCK_FLAGS)
 
 lock:
-	test -x $(LOCK_VENV)/bin/uv || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q "$(UV_PIN)"; }
+	test -x $(LOCK_VENV)/bin/uv || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q -r requirements/uv.in; }
+	$(UV_COMPILE) requirements/uv.in -o requirements/uv.lock
 	$(UV_COMPILE) pyproject.toml requirements/cpu.in --extra test -o requirements/cpu.lock
 	$(UV_COMPILE) requirements/bootstrap.in -c requirements/cpu.lock -o requirements/bootstrap.lock
 	$(UV_COMPILE) requirements/nodeps.in --no-deps -o requirements/nodeps.lock

@@ -23,7 +23,7 @@ from tests.test_layout import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCKS = ROOT / "requirements"
-SITE_LOCKS = ("bootstrap.lock", "cpu.lock")  # installed into site-packages
+SITE_LOCKS = ("uv.lock", "bootstrap.lock", "cpu.lock")  # installed into site-packages
 NODEPS_LOCK = "nodeps.lock"  # installed --no-deps into <venv>/nodeps
 PROJECT = "t2i-ds"
 
