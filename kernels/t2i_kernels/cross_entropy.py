@@ -23,7 +23,7 @@ import torch
 from t2i_kernels.ce_sum import linear_cross_entropy_sum as _ce_sum
 from t2i_kernels.chunked_ce import chunked_linear_cross_entropy, linear_cross_entropy_torch
 
-IMPLS = ("auto", "torch", "chunked", "triton")
+from t2i_kernels.names import LOSS_IMPLS as IMPLS  # torch-free, for the configs
 
 
 def modality_sums(

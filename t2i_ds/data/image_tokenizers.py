@@ -9,11 +9,12 @@ commands that take a spec or a run import t2i_ds.demo for that reason (tests/tes
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from t2i_ds.data.tokenizers import ImageTokenizer
+if TYPE_CHECKING:  # torch loads with the first tokenizer, not with the registry (configs are checked without torch)
+    from t2i_ds.data.tokenizers import ImageTokenizer
 
-Loader = Callable[..., ImageTokenizer]  # loader(directory, **options) -> ImageTokenizer
+Loader = Callable[..., "ImageTokenizer"]  # loader(directory, **options) -> ImageTokenizer
 
 _LOADERS: dict[str, Loader] = {}
 

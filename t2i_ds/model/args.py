@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from t2i_ds.vocab import tiny_vocab
-from t2i_kernels.cross_entropy import IMPLS as LOSS_IMPLS  # one list: the dispatcher's
+from t2i_kernels.names import LOSS_IMPLS  # one list: the dispatcher's (torch-free: configs load without torch)
 
 NORM_TYPES = ("layer_norm", "gain_only_layer_norm", "rms_norm")
 POS_EMBED_TYPES = ("rotary", "head_rotary", "none")
