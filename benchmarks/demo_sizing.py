@@ -66,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--note", default="", help="what this row tries (kept in the row)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--from_demo", default=None, help="append a row for a finished `python -m t2i_ds.demo --out DIR` run")
+    p.add_argument("--resample", action="store_true",
+                   help="with --from_demo: sample its model again at each --cfg x --temperature (--top_k), one row")
     p.add_argument("--ceiling_only", action="store_true", help="score the ceiling rows, append them, train nothing")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 where other jobs share the cores)")
     return p.parse_args()
@@ -147,8 +149,25 @@ def demo_row(out: Path) -> dict:
             "loadavg_at_end": result.get("loadavg")}
 
 
+def resample_demo(out: Path, args) -> dict:
+    """The scores of a finished demo run's model at other sampling settings (no training)."""
+    from t2i_ds.inference import load_run
+
+    torch.set_num_threads(args.threads)
+    run = load_run(out / "train")
+    data = out / "data"
+    val_ids, val_attrs = read_val_captions(data)
+    stated = [states_background(json.loads(line)["caption"]) for line in (data / "val.jsonl").read_text().splitlines()]
+    row = {"demo": str(out), "step": run.cfg.train.steps, **evaluate(run.model, run.vocab, run.image_tokenizer, val_ids, val_attrs, stated, args)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     args = parse_args()
+    if args.from_demo and args.resample:
+        append({**record_head(args), **resample_demo(Path(args.from_demo), args)})
+        return
     if args.from_demo:
         append({**record_head(args), **demo_row(Path(args.from_demo))})
         return
