@@ -1,7 +1,8 @@
 """The `demo` run preset, registered beside the built-in ones of t2i_ds.config; imported by the train command.
 
 `demo`: the captioned-shapes demo (`python -m t2i_ds.demo` generates the data; sizes measured in
-benchmarks/demo_sizing.py, whose rows hold the scores: batch 16, LR 2e-3, 1,000 steps, CFG 3).
+benchmarks/demo_sizing.py, whose rows hold the scores: batch 16, LR 2e-3, 1,000 steps; the demo samples at CFG 3,
+temperature 0.5).
 """
 
 import dataclasses
