@@ -65,7 +65,7 @@ class DemoSizes:
     4,096 (of the ~6,200 distinct 4 x 4 patches of 10,000 images): fewer codes average the edge patches that tell
     shapes apart.
     Yet the demo model does not learn 4,096 codes in 1,000 steps (generated colour 0.785, shape 0.325, against
-    0.985 / 0.46 at 256), so 256 stays the default until model and steps are sized for more (`--codebook`)."""
+    0.985 / 0.46 at 256); `palette_mask` keeps colour and shape apart instead."""
     text_size: int = 64
     """Text rows of the vocabulary (at least the word-level tokenizer's 36 ids)."""
 
