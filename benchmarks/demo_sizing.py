@@ -1,6 +1,7 @@
 """Sizing experiment for `make demo`: which tokenizer, data, model and training reach the judge's ceiling?
 
-Plain torch (no DeepSpeed) on CPU: builds the demo data set (`--patch`, `--codebook`: the image tokenizer),
+Plain torch (no DeepSpeed) on CPU: builds the demo data set (`--tokenizer`, `--patch`, `--masks`, `--codebook`: the
+image tokenizer),
 scores the judge's ceiling rows once (t2i_ds.demo.judge: the real held-out images, and the same after the
 tokenizer's encode -> decode), trains a model preset with AdamW
 (linear warm-up, cosine decay to 10%) on `<doc> <text> caption </text> <image> codes </image> </doc>`
@@ -30,8 +31,9 @@ import torch
 from t2i_ds.data.images import to_uint8
 from t2i_ds.data.shards import list_shards, read_shard
 from t2i_ds.demo import judge
-from t2i_ds.demo.data import DemoSizes, held_out_samples, load_demo_vocab, make_demo_dataset, read_val_captions
-from t2i_ds.demo.tokenizer import PatchKMeansTokenizer
+from t2i_ds.data.image_tokenizers import load_image_tokenizer
+from t2i_ds.demo.data import (TOKENIZER_KINDS, DemoSizes, held_out_samples, image_tokenizer_spec, load_demo_vocab,
+                              make_demo_dataset, read_val_captions)
 from t2i_ds.sampling import generate_images
 from t2i_ds.model.args import model_preset
 from t2i_ds.model.transformer import build_model, count_parameters
@@ -44,7 +46,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", default="/tmp/demo_sizing_data")
     p.add_argument("--n_train", type=int, default=10_000)
     p.add_argument("--n_val", type=int, default=200)
-    p.add_argument("--codebook", type=int, default=DemoSizes.codebook_size)
+    p.add_argument("--tokenizer", choices=sorted(TOKENIZER_KINDS), default=DemoSizes.tokenizer)
+    p.add_argument("--masks", type=int, default=DemoSizes.masks, help="mask rows of the palette_mask tokenizer")
+    p.add_argument("--codebook", type=int, default=DemoSizes.codebook_size, help="codes of the patch_kmeans tokenizer")
     p.add_argument("--patch", type=int, default=DemoSizes.patch)
     p.add_argument("--preset", default="demo")
     p.add_argument("--dim", type=int, default=None)
@@ -62,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--note", default="", help="what this row tries (kept in the row)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--from_demo", default=None, help="append a row for a finished `python -m t2i_ds.demo --out DIR` run")
+    p.add_argument("--resample", action="store_true",
+                   help="with --from_demo: sample its model again at each --cfg x --temperature (--top_k), one row")
     p.add_argument("--ceiling_only", action="store_true", help="score the ceiling rows, append them, train nothing")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 where other jobs share the cores)")
     return p.parse_args()
@@ -143,8 +149,25 @@ def demo_row(out: Path) -> dict:
             "loadavg_at_end": result.get("loadavg")}
 
 
+def resample_demo(out: Path, args) -> dict:
+    """The scores of a finished demo run's model at other sampling settings (no training)."""
+    from t2i_ds.inference import load_run
+
+    torch.set_num_threads(args.threads)
+    run = load_run(out / "train")
+    data = out / "data"
+    val_ids, val_attrs = read_val_captions(data)
+    stated = [states_background(json.loads(line)["caption"]) for line in (data / "val.jsonl").read_text().splitlines()]
+    row = {"demo": str(out), "step": run.cfg.train.steps, **evaluate(run.model, run.vocab, run.image_tokenizer, val_ids, val_attrs, stated, args)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     args = parse_args()
+    if args.from_demo and args.resample:
+        append({**record_head(args), **resample_demo(Path(args.from_demo), args)})
+        return
     if args.from_demo:
         append({**record_head(args), **demo_row(Path(args.from_demo))})
         return
@@ -153,10 +176,11 @@ def main() -> None:
     data = Path(args.data)
     t0 = time.perf_counter()
     if not (data / "demo_vocab.json").exists():
-        make_demo_dataset(data, args.n_train, args.n_val, args.seed, DemoSizes(codebook_size=args.codebook, patch=args.patch))
+        sizes = DemoSizes(tokenizer=args.tokenizer, masks=args.masks, codebook_size=args.codebook, patch=args.patch)
+        make_demo_dataset(data, args.n_train, args.n_val, args.seed, sizes)
     data_s = time.perf_counter() - t0
     vocab = load_demo_vocab(data)
-    image_tok = PatchKMeansTokenizer.load(data / "image_tokenizer")
+    image_tok = load_image_tokenizer(image_tokenizer_spec(data))
     ids, codes = load_split(data, "train")
     val_ids, val_attrs = read_val_captions(data)
     stated = [states_background(json.loads(line)["caption"]) for line in (data / "val.jsonl").read_text().splitlines()]

@@ -56,7 +56,7 @@ def test_demo_preset_vocab_is_the_demo_sizes():
     from t2i_ds.demo.data import DemoSizes
 
     v, sizes = preset("demo").vocab.build(), DemoSizes()
-    assert (v.image_size, v.image_tokens, v.text_size) == (sizes.codebook_size, (sizes.image_px // sizes.patch) ** 2,
-                                                           sizes.text_size)
+    assert (v.image_size, v.image_tokens, v.text_size) == (sizes.image_codes, (sizes.image_px // sizes.patch) ** 2 + 1,
+                                                           sizes.text_size)  # + 1: the palette token
     assert v.real_text_size == len(shapes.words()) + 2 and v.pad_id == 0  # [PAD] = 0, [UNK] = 1, the words
-    assert (v.seq_len, v.image_tokens, v.real_text_size) == (84, 64, 36)  # the documented demo numbers
+    assert (v.seq_len, v.image_tokens, v.image_size, v.real_text_size) == (85, 65, 152, 36)  # the documented demo numbers

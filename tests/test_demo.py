@@ -10,16 +10,20 @@ from PIL import Image
 from t2i_ds.demo.__main__ import main as demo_main, parse_args, regenerate_command
 from tests.test_report import assert_self_contained
 
-# Measured on this test's run (1,000 pairs, 300 steps, 32 held-out captions; load 6-14 from other jobs):
-# background 1.0, position 0.53, colour 0.56, shape 0.22 with the default 256 codes (0.94, 0.50, 0.28, 0.25 with
-# 4,096). An untrained model scores chance (0.33, 0.11, 0.125, 0.25) at best. The shape is not learned at this size,
-# so the test asserts the attributes this size does learn, with margin on both sides.
-LEARNED_AFTER_300_STEPS = {"background": 0.7, "position": 0.3}
+# Measured on this test's run (1,000 pairs, 300 steps, 32 held-out captions, CFG 3, temperature 0.5; load 7-12 from
+# other jobs): colour 1.0, background 1.0, position 0.81, shape 0.47, and 0.63 (12 of 19) on the captions that ask for
+# no square (benchmarks/results/demo_sizing.jsonl). An untrained model scores chance (0.125, 0.33, 0.11) on colour,
+# background and position, but its shape score is the captions' share of squares (13 of these 32: 0.41): its scattered
+# codes cover the image, and the judge fits a square to such a blob (4 random inits drew 26-32 squares of 32). So the
+# shape is asserted on the other 19 captions, where those inits score 0.0-0.16 (0-3 of 19).
+LEARNED_AFTER_300_STEPS = {"color": 0.7, "background": 0.7, "position": 0.5}
+SHAPE_NOT_SQUARE_AFTER_300_STEPS = 0.35  # 7 of 19 (measured: 12)
 
 
 @pytest.mark.slow
 def test_demo_pipeline_small(tmp_path, monkeypatch, capsys):
-    """300 steps on 1,000 pairs: the background and position of held-out captions show in the samples far above chance."""
+    """300 steps on 1,000 pairs: the colour, background, position and shape of held-out captions show in the samples far
+    above what an untrained model draws."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     args = ["--out", str(tmp_path), "--n-train", "1000", "--n-val", "32", "--steps", "300", "--grid", "8"]
     assert demo_main(args) == 0
@@ -31,6 +35,9 @@ def test_demo_pipeline_small(tmp_path, monkeypatch, capsys):
     assert score["n"] == 32 and score["chance_color"] == 0.125 and len(score["verdicts"]) == 32
     assert min(score["table"]["real"].values()) >= 0.95, score["table"]  # the judge's own ceiling (1 miss of 32 at most)
     assert all(score[k] >= v for k, v in LEARNED_AFTER_300_STEPS.items()), score
+    captions = [json.loads(line)["attributes"]["shape"] for line in (tmp_path / "data" / "val.jsonl").read_text().splitlines()]
+    not_square = [v["shape"] for v, shape in zip(score["verdicts"], captions) if shape != "square"]
+    assert np.mean(not_square) >= SHAPE_NOT_SQUARE_AFTER_300_STEPS, (len(not_square), score)
     assert score["table"]["generated"]["shape"] == score["shape"]
     assert Image.open(tmp_path / "samples.png").size[0] > 8 * 32
     cfg = json.loads((tmp_path / "train" / "config.json").read_text())

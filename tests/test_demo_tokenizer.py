@@ -105,7 +105,7 @@ def test_text_tokenizer_covers_every_caption(tmp_path):
 
 
 def test_make_demo_dataset(tmp_path):
-    summary = make_demo_dataset(tmp_path, n_train=300, n_val=40, seed=0, sizes=DemoSizes(codebook_size=32))
+    summary = make_demo_dataset(tmp_path, n_train=300, n_val=40, seed=0, sizes=DemoSizes(tokenizer="patch_kmeans", codebook_size=32))
     vocab = load_demo_vocab(tmp_path)
     assert summary["vocab"] == json.loads((tmp_path / "demo_vocab.json").read_text())
     assert (vocab.image_size, vocab.image_tokens, vocab.text_size, vocab.pad_id) == (32, 64, 64, 0)

@@ -13,7 +13,7 @@ from t2i_ds.demo.tokenizer import PatchKMeansTokenizer
 
 
 def test_both_kinds_are_registered_and_specs_parse():
-    assert {"movqgan", "demo"} <= set(image_tokenizer_kinds())
+    assert {"movqgan", "demo", "demo_mask"} <= set(image_tokenizer_kinds())
     assert parse_image_tokenizer_spec("demo:/a/b:c") == ("demo", "/a/b:c")
     for bad, problem in (("movqgan", "must be one of"), ("demo:", "must be one of"), ("vqgan:/x", "unknown image tokenizer kind")):
         with pytest.raises(ValueError, match=problem):
@@ -38,5 +38,5 @@ def test_a_kind_cannot_be_taken_over():
 def test_commands_that_take_a_spec_know_the_demo_kind_from_a_fresh_interpreter(command):
     """A demo run's `demo:DIR` resolves from a fresh shell: importing the command registers the kind."""
     code = (f"import {command}; from t2i_ds.data.image_tokenizers import image_tokenizer_kinds as k; "
-            "assert 'demo' in k(), k()")
+            "assert {'demo', 'demo_mask'} <= set(k()), k()")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,8 +5,10 @@ Text: any Hugging Face tokenizer from a local path; GPT-NeoX's BPE by default. N
 `<doc> <text> ... </text>` itself).
 
 Images: `ImageTokenizer` is the interface shared by MoVQGAN (diffusers `VQModel`, data/movqgan.py) and the demo's
-patch k-means (demo/tokenizer.py). Images are float tensors (B, 3, H, W) in [-1, 1]; codes are int64
-(B, grid_h * grid_w) in raster order, each in [0, codebook_size). `decode` maps codes straight to pixels.
+tokenizers (demo/mask_tokenizer.py, demo/tokenizer.py). Images are float tensors (B, 3, H, W) in [-1, 1]; codes are
+int64 (B, tokens_per_image), each in [0, codebook_size): grid_h * grid_w in raster order (MoVQGAN, patch k-means), or
+a tokenizer's own header tokens first (the demo's palette-mask: one palette token, then the grid). `decode` maps codes
+straight to pixels.
 """
 
 from __future__ import annotations
@@ -71,9 +73,9 @@ class ImageTokenizer(Protocol):
     def tokens_per_image(self) -> int: ...
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float in [-1, 1] -> (B, grid_h * grid_w) int64 codes."""
+        """(B, 3, H, W) float in [-1, 1] -> (B, tokens_per_image) int64 codes (grid_h * grid_w for a plain grid)."""
         ...
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, grid_h * grid_w) int64 codes -> (B, 3, H, W) float in [-1, 1]."""
+        """(B, tokens_per_image) int64 codes -> (B, 3, H, W) float in [-1, 1]."""
         ...

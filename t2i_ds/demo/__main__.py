@@ -1,7 +1,8 @@
 """`make demo`: data, DeepSpeed training, sampling and a caption-consistency score, in minutes on a CPU.
 
 1. generate the captioned-shapes data set (coloured shapes at positions on backgrounds, captions
-   saying so), fit the patch k-means image tokenizer, write WebDataset token shards;
+   saying so), fit the image tokenizer (palette + binary masks; `--tokenizer patch_kmeans` for k-means),
+   write WebDataset token shards;
 2. train the `demo` preset through the DeepSpeed launcher (2 CPU ranks with gloo where there is no
    GPU, all GPUs otherwise), streaming the shards;
 3. sample images for held-out captions (image ids only, top-k, classifier-free guidance), write a PNG
@@ -41,30 +42,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-train", type=positive_int, default=10_000)
     p.add_argument("--n-val", type=positive_int, default=200)
     p.add_argument("--steps", type=positive_int, default=1000)
+    p.add_argument("--tokenizer", choices=sorted(demo_data.TOKENIZER_KINDS), default=demo_data.DemoSizes.tokenizer,
+                   help="image tokenizer: palette + binary masks per patch (exact for the shapes), or patch k-means")
+    p.add_argument("--masks", type=positive_int, default=demo_data.DemoSizes.masks,
+                   help="mask codebook rows of the palette_mask tokenizer")
     p.add_argument("--codebook", type=positive_int, default=demo_data.DemoSizes.codebook_size,
-                   help="image codes of the patch k-means tokenizer (more: a higher tokenizer ceiling, a harder model)")
+                   help="image codes of the patch_kmeans tokenizer (more: a higher tokenizer ceiling, a harder model)")
     p.add_argument("--ranks", type=non_negative_int, default=0, help="processes (0: all GPUs, or 2 CPU ranks)")
     p.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "zero2.json"))
     p.add_argument("--cfg-scale", type=non_negative_float, default=3.0)
     p.add_argument("--top-k", type=top_k, default=None)
-    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--temperature", type=positive_float, default=0.5,
+                   help="sampling temperature (benchmarks/results/demo_sizing.jsonl: the 1,000-step model scores shape "
+                        "0.84 / 0.92 / 0.935 / 0.96 and position 0.925 / 0.955 / 0.955 / 0.96 at 1.0 / 0.7 / 0.5 / 0.3)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--grid", type=positive_int, default=32, help="images in the PNG grid")
     p.add_argument("--resume", action="store_true", help="continue an existing run instead of starting fresh")
     return p.parse_args(argv)
 
 
+def sizes(args) -> demo_data.DemoSizes:
+    return demo_data.DemoSizes(tokenizer=args.tokenizer, masks=args.masks, codebook_size=args.codebook)
+
+
 def make_data(out: Path, args) -> Path:
     data = out / "data"
     if (data / demo_data.VOCAB_FILE).is_file() and (data / demo_data.VAL_CAPTIONS).is_file():
-        codebook = demo_data.load_demo_vocab(data).image_size
-        if codebook != args.codebook:
-            raise ValueError(f"{data} holds a {codebook}-code tokenizer, not --codebook {args.codebook}: delete it or "
-                             "choose another --out")
+        held = (demo_data.image_tokenizer_spec(data).partition(":")[0], demo_data.load_demo_vocab(data).image_size)
+        wanted = (demo_data.TOKENIZER_KINDS[args.tokenizer], sizes(args).image_codes)
+        if held != wanted:
+            raise ValueError(f"{data} holds a {held[1]}-code '{held[0]}' image tokenizer, not the {wanted[1]}-code "
+                             f"'{wanted[0]}' one that --tokenizer/--masks/--codebook ask for: delete it or choose another --out")
         print(f"[demo] data: reusing {data}")
         return data
     t = time.perf_counter()
-    demo_data.make_demo_dataset(data, args.n_train, args.n_val, args.seed, demo_data.DemoSizes(codebook_size=args.codebook))
+    demo_data.make_demo_dataset(data, args.n_train, args.n_val, args.seed, sizes(args))
     print(f"[demo] data: {args.n_train} training / {args.n_val} held-out pairs in {data} ({time.perf_counter() - t:.0f} s)")
     return data
 
@@ -143,7 +155,7 @@ def regenerate_command(out: Path, args, index: int) -> list[str]:
 def report_commands(out: Path, args) -> list[str]:
     """The commands a reader of the report needs: this demo again, and the report alone."""
     return [f"python -m t2i_ds.demo --out {out} --steps {args.steps} --n-train {args.n_train} --n-val {args.n_val} "
-            f"--codebook {args.codebook} "
+            f"--tokenizer {args.tokenizer} --masks {args.masks} --codebook {args.codebook} "
             f"--cfg-scale {args.cfg_scale} --temperature {args.temperature} --seed {args.seed}"
             + (f" --top-k {args.top_k}" if args.top_k else ""),
             " ".join(report_command(out))]

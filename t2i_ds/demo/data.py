@@ -6,13 +6,15 @@
     out_dir/val/          token shards of the held-out images
     out_dir/val.jsonl     held-out captions, caption ids and ground-truth attributes (one JSON a line)
     out_dir/tokenizer.json        the word-level Hugging Face text tokenizer
-    out_dir/image_tokenizer/      the patch k-means image tokenizer (demo_tokenizer.PatchKMeansTokenizer)
+    out_dir/image_tokenizer/      the image tokenizer: palette + masks (mask_tokenizer.PaletteMaskTokenizer, the
+                                  default) or patch k-means (tokenizer.PatchKMeansTokenizer), `DemoSizes.tokenizer`
     out_dir/demo_vocab.json       the Vocab fields (text ids, codebook size, tokens per image, seq_len)
 
 Sizes (`DemoSizes`, the one place they are written) were chosen so that a 4-layer, dim-128 model learns
 the captions on two CPU cores in a few minutes (benchmarks/demo_sizing.py): 32 x 32 images,
-4 x 4 patches -> 64 tokens per image, 256 codes, 64 text rows of which the word-level tokenizer uses 36
-(34 words + [PAD] + [UNK]), sequences of 64 + 6 + 14 = 84 tokens (`demo_vocab` derives the last three).
+4 x 4 patches -> 1 palette token + 64 mask tokens per image, 3 x 8 palette pairs + 128 masks = 152 codes, 64 text
+rows of which the word-level tokenizer uses 36 (34 words + [PAD] + [UNK]), sequences of 65 + 6 + 14 = 85 tokens
+(`demo_vocab` derives the last three).
 """
 
 from __future__ import annotations
@@ -30,11 +32,16 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from t2i_ds.atomic import atomic_write_text
 from t2i_ds.demo import shapes
+from t2i_ds.demo.mask_tokenizer import PaletteMaskTokenizer
 from t2i_ds.demo.tokenizer import PatchKMeansTokenizer, to_tensor
 from t2i_ds.data.shards import TokenShardWriter
 from t2i_ds.vocab import Vocab
 
 PAD, UNK = "[PAD]", "[UNK]"
+
+
+# DemoSizes.tokenizer -> its registered image-tokenizer kind (t2i_ds/demo/__init__.py): specs are `kind:DIR`
+TOKENIZER_KINDS = {"palette_mask": "demo_mask", "patch_kmeans": "demo"}
 
 
 @dataclass(frozen=True)
@@ -44,20 +51,39 @@ class DemoSizes:
     image_px: int = shapes.IMAGE_SIZE
     """Pixels per image side."""
     patch: int = 4
-    """Pixels per patch side of the k-means image tokenizer (one token per patch)."""
+    """Pixels per patch side of the image tokenizer (one token per patch)."""
+    tokenizer: str = "palette_mask"
+    """The image tokenizer: `palette_mask` (t2i_ds.demo.mask_tokenizer: a palette token + one binary-mask token per
+    patch; exact for the demo's flat images, judge's shape score after encode -> decode 0.99 at 128 masks, the
+    judge's own ceiling) or `patch_kmeans` (t2i_ds.demo.tokenizer, the former default: shape 0.535 at 256 codes)."""
+    masks: int = 128
+    """Mask codebook rows of `palette_mask` (shape after encode -> decode of the held-out images: 0.935 at 64 masks,
+    0.99 at 128, 256 and 512; 53% of the images exact at 128, 93% at 256, 100% at 512)."""
     codebook_size: int = 256
-    """Image codes (k-means centroids). The judge's shape score of held-out images after encode -> decode
+    """Image codes (k-means centroids) of `patch_kmeans`. The judge's shape score of held-out images after encode -> decode
     (benchmarks/results/demo_sizing.jsonl, `ceiling`): 0.535 at 256 codes, 0.785 at 1,024, 0.91 at 2,048, 0.98 at
     4,096 (of the ~6,200 distinct 4 x 4 patches of 10,000 images): fewer codes average the edge patches that tell
     shapes apart.
     Yet the demo model does not learn 4,096 codes in 1,000 steps (generated colour 0.785, shape 0.325, against
-    0.985 / 0.46 at 256), so 256 stays the default until model and steps are sized for more (`--codebook`)."""
+    0.985 / 0.46 at 256); `palette_mask` keeps colour and shape apart instead."""
     text_size: int = 64
     """Text rows of the vocabulary (at least the word-level tokenizer's 36 ids)."""
 
+    def __post_init__(self):
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ValueError(f"tokenizer={self.tokenizer!r}: choose one of {sorted(TOKENIZER_KINDS)}")
+
+    @property
+    def image_codes(self) -> int:
+        """The Vocab's image ids: palette pairs + masks, or the k-means codes."""
+        if self.tokenizer == "palette_mask":
+            return len(shapes.BACKGROUNDS) * len(shapes.COLORS) + self.masks
+        return self.codebook_size
+
     @property
     def tokens_per_image(self) -> int:
-        return (self.image_px // self.patch) ** 2
+        return (self.image_px // self.patch) ** 2 + (self.tokenizer == "palette_mask")  # + the palette token
+
 TEXT_TOKENIZER = "tokenizer.json"
 IMAGE_TOKENIZER = "image_tokenizer"
 VOCAB_FILE = "demo_vocab.json"
@@ -101,7 +127,7 @@ def demo_vocab(sizes: DemoSizes = DemoSizes(), tok: Tokenizer | None = None, pad
     seq_len = sizes.tokens_per_image + 6 + max_caption_tokens(tok)
     return Vocab(
         text_size=sizes.text_size,
-        image_size=sizes.codebook_size,
+        image_size=sizes.image_codes,
         image_tokens=sizes.tokens_per_image,
         seq_len=seq_len,
         pad_id=pad_id,
@@ -122,11 +148,26 @@ def train_overrides(data_dir: str | os.PathLike) -> list[str]:
     data = Path(data_dir)
     vocab = json.loads((data / VOCAB_FILE).read_text())
     return [f"vocab.{k}={v}" for k, v in vocab.items()] + [
-        f"data.path={data / 'train'}", f"train.image_tokenizer=demo:{data / IMAGE_TOKENIZER}",
+        f"data.path={data / 'train'}", f"train.image_tokenizer={image_tokenizer_spec(data)}",
         f"train.text_tokenizer={data / TEXT_TOKENIZER}"]
 
 
-def encode_images(image_tok: PatchKMeansTokenizer, images: np.ndarray, batch: int = 1024) -> np.ndarray:
+def image_tokenizer_spec(data_dir: str | os.PathLike) -> str:
+    """The `kind:DIR` spec of the image tokenizer a generated data set holds (its config.json names the kind)."""
+    directory = Path(data_dir) / IMAGE_TOKENIZER
+    kind = json.loads((directory / "config.json").read_text())["kind"]
+    return f"{TOKENIZER_KINDS[kind]}:{directory}"
+
+
+def fit_image_tokenizer(images: np.ndarray, sizes: DemoSizes, seed: int) -> PaletteMaskTokenizer | PatchKMeansTokenizer:
+    """The image tokenizer `sizes` names, fitted on (N, S, S, 3) uint8 training images."""
+    x = to_tensor(images)
+    if sizes.tokenizer == "palette_mask":
+        return PaletteMaskTokenizer.fit(x, len(shapes.BACKGROUNDS), len(shapes.COLORS), sizes.masks, sizes.patch)
+    return PatchKMeansTokenizer.fit(x, sizes.codebook_size, sizes.patch, seed)
+
+
+def encode_images(image_tok: PaletteMaskTokenizer | PatchKMeansTokenizer, images: np.ndarray, batch: int = 1024) -> np.ndarray:
     """(N, S, S, 3) uint8 -> (N, T) int64 codes, in batches to bound memory."""
     parts = [image_tok.encode(to_tensor(images[i : i + batch])) for i in range(0, len(images), batch)]
     return torch.cat(parts).numpy()
@@ -182,12 +223,12 @@ def make_demo_dataset(
     text_tok = text_tok or build_text_tokenizer()
     text_tok.save(str(out / TEXT_TOKENIZER))
     train_images = np.stack([s.image for s in train])  # (N, S, S, 3)
-    image_tok = PatchKMeansTokenizer.fit(to_tensor(train_images), sizes.codebook_size, sizes.patch, seed)
+    image_tok = fit_image_tokenizer(train_images, sizes, seed)
     image_tok.save(out / IMAGE_TOKENIZER)
     vocab = demo_vocab(sizes, text_tok, pad_token)
     atomic_write_text(out / VOCAB_FILE, json.dumps(dataclasses.asdict(vocab), indent=2))
     meta = {
-        "image_tokenizer": {"name": "patch_kmeans", "path": str(out / IMAGE_TOKENIZER), "codebook_size": image_tok.codebook_size,
+        "image_tokenizer": {"name": sizes.tokenizer, "path": str(out / IMAGE_TOKENIZER), "codebook_size": image_tok.codebook_size,
                             "grid": list(image_tok.grid), "image_size": sizes.image_px},
         "text_tokenizer": {"name": text_name, "path": str(out / TEXT_TOKENIZER), "vocab_size": text_tok.get_vocab_size()},
     }

@@ -164,7 +164,8 @@ def prepare(cfg: ReplicationConfig, layout: Layout, paragraphs: list[str], run_d
     subset = subset_bpe(neox_json, counts, cfg.text_rows, caption_ids | {neox.token_to_id(NEOX_PAD)})
     tok_path = subset.save(run_dir / "neox_subset.json")
     tok = Tokenizer.from_file(str(tok_path))
-    sizes = demo_data.DemoSizes(text_size=_round_up(subset.size, 64))  # 64: a tidy row count for the matmuls
+    # 64: a tidy row count for the matmuls; the k-means tokenizer its recorded runs used (docs/replication.md)
+    sizes = demo_data.DemoSizes(tokenizer="patch_kmeans", text_size=_round_up(subset.size, 64))
     demo_data.make_demo_dataset(layout.data, cfg.n_train, N_VAL, 0, sizes, text_tok=tok, pad_token=NEOX_PAD)
     chunks = write_text_shards(tok, train_text, layout.corpus / "shards", cfg.lm_seq_len - 4,
                                demo_data.load_demo_vocab(layout.data).image_tokens)
