@@ -698,6 +698,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-layers", type=int, default=4, help="open_lm_1b layers of the training step on a GPU")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, children in-process: checks the script")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peers.jsonl"))
+    p.add_argument("--note", default="", help="recorded in every row (e.g. which change an A/B run measures)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--tmp", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -718,6 +719,8 @@ def main(argv=None) -> int:
         a.parts = [x for x in a.parts if x != "load"]  # host loading: the CPU's part
         print("[load] skipped on cuda: loading is measured on the host (--device cpu)", flush=True)
     env = environment(a.device, a.dtype)
+    if a.note:
+        env["note"] = a.note
     rows: list[dict] = []
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

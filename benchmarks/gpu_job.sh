@@ -95,11 +95,11 @@ XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 6)
 stage tests 130 "$PY" -m pytest -q -p no:cacheprovider -m requires_cuda "${XDIST[@]}" --durations=15 \
   --junitxml="$OUT/junit.xml" "${CUDA_TESTS[@]}"
-stage fused_ce 110 "$PY" benchmarks/bench_fused_ce.py "${SMOKE[@]}" --batches 8 --out "$OUT/fused_ce.jsonl" \
+stage fused_ce 100 "$PY" benchmarks/bench_fused_ce.py "${SMOKE[@]}" --batches 8 --out "$OUT/fused_ce.jsonl" \
   --impls sum_triton triton eager compile liger cce torch_lce torch_lce_chunked
-stage train 120 "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/train.jsonl"
-stage attention 60 "$PY" benchmarks/bench_attention.py "${ATTN_ARGS[@]}" --out "$OUT/attention.jsonl"
-stage peers 75 "$PY" benchmarks/bench_peers.py "${PEERS_ARGS[@]}" --parts limit generate train --threads 1 \
+stage train 150 "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/train.jsonl"
+stage attention 45 "$PY" benchmarks/bench_attention.py "${ATTN_ARGS[@]}" --out "$OUT/attention.jsonl"
+stage peers 70 "$PY" benchmarks/bench_peers.py "${PEERS_ARGS[@]}" --parts limit generate train --threads 1 \
   --out "$OUT/peers.jsonl"
 
 failed=$(grep -vc '"rc": 0,' "$STAGES")

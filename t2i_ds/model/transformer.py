@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from t2i_ds.model.args import ModelArgs
@@ -173,7 +174,7 @@ class Transformer(nn.Module):
         whole cache under a (B, S_max) mask of the written columns (static shapes for CUDA graphs). rows = (a, b)
         computes only output rows [a, b) (the image ids while decoding an image), None all of them.
         """
-        x = self.post_embed_norm(self.tok_embeddings(input_ids))  # (B, S, dim)
+        x = self.post_embed_norm.forward(F.embedding(input_ids, self.tok_embeddings.weight))  # (B, S, dim); no hooks
         bias = None  # one token on the CPU: the decode path's mask, made once for every layer
         if key_padding_mask is not None and input_ids.shape[1] == 1 and use_decode_attention(x, self.args.attn_backend):
             bias = decode_attention_bias(key_padding_mask, self.args.n_heads, x.dtype, kv_len is not None)
@@ -181,7 +182,7 @@ class Transformer(nn.Module):
         for layer, kv, table in zip(self.layers, cache.layers, cache.rope):
             rope = None if table is None else ropes.get(id(table)) or ropes.setdefault(id(table), table.at(positions))
             x = layer.forward_static(x, kv, index, rope, key_padding_mask, kv_len, bias)  # (B, S, dim)
-        h = self.norm(x[:, -1:])  # (B, 1, dim): the norm is per position, only the last one is sampled from
+        h = self.norm.forward(x[:, -1:])  # (B, 1, dim): the norm is per position, only the last one is sampled from
         return self.output.logits(h, rows)[:, 0]  # (B, rows)
 
 
