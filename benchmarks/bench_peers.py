@@ -78,7 +78,16 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def environment() -> dict:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work before reading a clock (CPU: nothing queued)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def environment(device: str = "cpu", dtype: str = "fp32") -> dict:
     from t2i_ds.provenance import git_revision
 
     versions = {"torch": torch.__version__, "python": platform.python_version()}
@@ -88,8 +97,8 @@ def environment() -> dict:
         except ImportError:
             pass
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_revision(),
-            **versions, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name(),
-            "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+            **versions, "device": torch.cuda.get_device_name(0) if torch.device(device).type == "cuda" else cpu_name(),
+            "dtype": dtype, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
 def load1() -> float:
@@ -133,49 +142,55 @@ def count_flops(fn) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 # The limit: matmul rate
 # ------------------------------------------------------------------------------------------------------------------
-def time_best(fn, repeats: int) -> float:
+def time_best(fn, repeats: int, device: str = "cpu") -> float:
     fn()
+    sync(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return best
 
 
-def matmul_gflops(m: int, k: int, n: int, threads: int, repeats: int = 5) -> float:
+def matmul_gflops(m: int, k: int, n: int, threads: int, repeats: int = 5, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> float:
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(m, k), torch.randn(n, k)
-        return 2 * m * k * n / time_best(lambda: F.linear(a, b), repeats) / 1e9
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
+        return 2 * m * k * n / time_best(lambda: F.linear(a, b), repeats, device) / 1e9
     finally:
         torch.set_num_threads(old)
 
 
 def bench_limit(a, env: dict) -> list[dict]:
-    size = 256 if a.smoke else 2048
+    gpu = torch.device(a.device).type == "cuda"
+    size = 256 if a.smoke else 8192 if gpu else 2048
     rows = []
-    for threads in sorted({1, os.cpu_count() or 1}):
+    for threads in [torch.get_num_threads()] if gpu else sorted({1, os.cpu_count() or 1}):
         before = load1()
-        g = matmul_gflops(size, size, size, threads, 2 if a.smoke else 5)
+        g = matmul_gflops(size, size, size, threads, 2 if a.smoke else 5, a.device, DTYPES[a.dtype])
         rows.append({"bench": "peers_limit", **env, "threads": threads, "shape": [size, size, size], "gflops": g,
                      "load1_before": before, "load1_after": load1()})
-        print(f"[limit] fp32 matmul {size}^3, {threads} thread(s): {g:.1f} GFLOP/s", flush=True)
+        print(f"[limit] {a.dtype} matmul {size}^3 on {a.device}, {threads} thread(s): {g:.1f} GFLOP/s", flush=True)
     return rows
 
 
-def same_shape_step(args, rows: int | list[int], head_rows: int, sampled: int | None = None):
+def same_shape_step(args, rows: int | list[int], head_rows: int, sampled: int | None = None, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32):
     """(step, flops): the linear layers of forwards over `rows` rows each (a list: one forward per entry, e.g. a
     prefill then every decode step; one layer's weights n_layers times), and the head (`head_rows` output rows) over
     the `sampled` rows of each forward (default: all of them): the matmul work of the model's own shapes alone,
     which bounds what the model can reach on this machine."""
     d, h = args.dim, args.ffn_hidden
     shapes = [(3 * d, d), (d, d), (2 * h, d), (d, h)]
-    ws = [torch.randn(n, k) for n, k in shapes]
-    head = torch.randn(head_rows, d)
+    new = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
+    ws = [new(n, k) for n, k in shapes]
+    head = new(head_rows, d)
     counts = [rows] if isinstance(rows, int) else list(rows)
-    xs = {m: {k: torch.randn(m, k) for k in {d, h}} for m in set(counts)}
+    xs = {m: {k: new(m, k) for k in {d, h}} for m in set(counts)}
     last = {m: xs[m][d][: min(m, sampled or m)] for m in xs}  # the rows the head sees
 
     def step():
@@ -189,16 +204,18 @@ def same_shape_step(args, rows: int | list[int], head_rows: int, sampled: int | 
     return step, 2 * sum(m * layer + last[m].shape[0] * head_rows * d for m in counts)
 
 
-def same_shape_gflops(args, rows: int, head_rows: int, repeats: int) -> float:
-    step, flops = same_shape_step(args, rows, head_rows)
-    return flops / time_best(step, repeats) / 1e9
+def same_shape_gflops(args, rows: int, head_rows: int, repeats: int, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> float:
+    step, flops = same_shape_step(args, rows, head_rows, device=device, dtype=dtype)
+    return flops / time_best(step, repeats, device) / 1e9
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Generation
 # ------------------------------------------------------------------------------------------------------------------
 def gen_model(name: str):
-    """(open_lm model, vocab) with random weights, eval mode, fp32, CPU attention."""
+    """(open_lm model, vocab) with random weights, eval mode, fp32, on the CPU (the same weights for every device),
+    SDPA attention."""
     from t2i_ds.model.args import model_preset
     from t2i_ds.model.transformer import build_model
     from t2i_ds.vocab import Vocab, tiny_vocab
@@ -234,11 +251,12 @@ def bench_generate(a, env: dict, tmp: Path) -> list[dict]:
     from t2i_ds.model.hf import hf_generate_codes, save_hf
     from t2i_ds.sampling import generate_images
 
-    rows = []
+    rows, dtype = [], DTYPES[a.dtype]
     for name in a.models:
         model, vocab = gen_model(name)
-        save_hf(model.state_dict(), model.args, tmp / name, vocab)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / name)).eval()
+        save_hf(model.state_dict(), model.args, tmp / name, vocab)  # fp32, as t2i_ds.export writes it
+        model = model.to(a.device, dtype)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / name), dtype=dtype).to(a.device).eval()
         for batch in a.batches:
             caps = captions(vocab, batch)
             run = {
@@ -250,15 +268,17 @@ def bench_generate(a, env: dict, tmp: Path) -> list[dict]:
             flops = {c: count_flops(run[c]) for c in GEN_CONTESTANTS}
             prompt = max(len(vocab.prompt(c)) for c in caps)  # the prefill: 2b rows of the padded prompt, then
             steps = [2 * batch * prompt] + [2 * batch] * (vocab.image_tokens - 1)  # one 2b-row forward per code
-            mm_step, mm_flops = same_shape_step(model.args, steps, vocab.image_size, 2 * batch)  # the decode's matmuls
+            mm_step, mm_flops = same_shape_step(model.args, steps, vocab.image_size, 2 * batch, a.device, dtype)
             run["matmuls"] = mm_step
-            mm_step()
+            mm_step()  # the decode's matmuls alone
             times = {c: [] for c in run}
             before = load1()
             for _ in range(a.repeats):  # alternate: every contestant (and the limit) sees the same background load
                 for c in run:
+                    sync(a.device)
                     t = time.perf_counter()
                     run[c]()
+                    sync(a.device)
                     times[c].append(time.perf_counter() - t)
             after = load1()
             limit = mm_flops / min(times["matmuls"]) / 1e9
@@ -282,11 +302,25 @@ def bench_generate(a, env: dict, tmp: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------------------------------
 # Training (each contestant in a child process: its own peak RSS)
 # ------------------------------------------------------------------------------------------------------------------
-def train_shape(smoke: bool) -> dict:
-    if smoke:
-        return {"preset": "debug", "overrides": {}, "vocab": {}, "micro_batch": 2, "steps": 2, "warmup": 1}
-    return {"preset": "open_lm_1b", "overrides": {"dim": 512, "n_layers": 2, "n_heads": 8}, "vocab": {},
-            "micro_batch": 1, "steps": 4, "warmup": 2}
+def train_shape(a) -> dict:
+    """The training shape: smoke (debug model), the CPU's (dim 512: the math dominates, a step in seconds) or a
+    GPU's (open_lm-1b's dims, --train-layers of its 24 layers, micro-batch 8); device and dtype ride along."""
+    target = {"device": a.device, "dtype": a.dtype}
+    if a.smoke:
+        return {"preset": "debug", "overrides": {}, "micro_batch": 2, "steps": 2, "warmup": 1, **target}
+    if torch.device(a.device).type == "cuda":
+        return {"preset": "open_lm_1b", "overrides": {"n_layers": a.train_layers}, "micro_batch": 8, "steps": 5,
+                "warmup": 3, **target}
+    return {"preset": "open_lm_1b", "overrides": {"dim": 512, "n_layers": 2, "n_heads": 8}, "micro_batch": 1,
+            "steps": 4, "warmup": 2, **target}
+
+
+def peak_memory(device: str) -> dict:
+    """Peak host RSS, and on a GPU the peak of torch's allocator (what the comparison of memory is about there)."""
+    out = {"peak_rss_gib": peak_rss_gib()}
+    if torch.device(device).type == "cuda":
+        out["peak_device_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 def train_config(shape: dict, run_dir: Path, loss_impl: str):
@@ -315,31 +349,39 @@ def child_train(contestant: str, shape: dict, tmp: Path) -> dict:
     from t2i_ds.model.transformer import build_model
     from t2i_ds.trainer.parallelize import model_args
 
-    if contestant == "t2i_ds":
-        base, sets, cfg = train_config(shape, tmp / "run", "chunked")
+    device, gpu = shape["device"], torch.device(shape["device"]).type == "cuda"
+    if contestant == "t2i_ds":  # the fused CE: its Triton kernels on a GPU, its chunked CPU path here
+        loss_impl = "auto" if gpu else "chunked"
+        base, sets, cfg = train_config(shape, tmp / "run", loss_impl)
         cmd = [sys.executable, "-m", "t2i_ds.train", "--ds_config", str(ROOT / "ds_configs" / "zero2.json"),
                "--preset", base] + [x for s in sets for x in ("--set", s)]
-        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-        subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL)
+        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if gpu else "cpu")}
+        subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL)  # bf16 on a GPU (zero2.json: auto)
         last = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()][-1]
         vocab = cfg.vocab.build()
-        model = build_model(model_args(cfg, vocab), vocab.modality_bounds)
-        ids, tg = random_batch(vocab, shape["micro_batch"], 0)
+        model = build_model(model_args(cfg, vocab), vocab.modality_bounds).to(device)
+        ids, tg = (t.to(device) for t in random_batch(vocab, shape["micro_batch"], 0))
         flops = count_flops(lambda: model(ids, tg).loss_sum.backward())
-        return {"tokens_per_s": last["perf/tokens_per_s_per_device"], "peak_rss_gib": last["mem/host_max_rss_gib"],
-                "gflop_per_step": flops / 1e9, "loss_impl": "chunked", "steps_timed": shape["steps"]}
+        memory = {"peak_rss_gib": last["mem/host_max_rss_gib"]}
+        if gpu:
+            memory["peak_device_gib"] = last["mem/peak_allocated_gib"]
+        return {"tokens_per_s": last["perf/tokens_per_s_per_device"], **memory, "gflop_per_step": flops / 1e9,
+                "loss_impl": loss_impl, "steps_timed": shape["steps"]}
     _, _, cfg = train_config(shape, tmp / "run", "torch")
     vocab = cfg.vocab.build()
     torch.manual_seed(0)
     model = build_model(model_args(cfg, vocab), vocab.modality_bounds).train()
     tokens = shape["micro_batch"] * vocab.seq_len
     if contestant == "plain":
+        model = model.to(device)  # fp32 weights; bf16 as a user writes it: autocast
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+        autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=shape["dtype"] == "bf16")
 
         def step(i: int):
-            ids, tg = random_batch(vocab, shape["micro_batch"], i)
-            logits = model(ids)  # (B, S, V) fp32: the full logits
-            loss = F.cross_entropy(logits.flatten(0, 1), tg.flatten())
+            ids, tg = (t.to(device) for t in random_batch(vocab, shape["micro_batch"], i))
+            with autocast:
+                logits = model(ids)  # (B, S, V): the full logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tg.flatten())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -350,9 +392,10 @@ def child_train(contestant: str, shape: dict, tmp: Path) -> dict:
         for i in range(shape["warmup"] + shape["steps"]):
             t = time.perf_counter()
             step(i)
+            sync(device)
             times.append(time.perf_counter() - t)
         timed = times[shape["warmup"]:]
-        return {"tokens_per_s": tokens * len(timed) / sum(timed), "peak_rss_gib": peak_rss_gib(),
+        return {"tokens_per_s": tokens * len(timed) / sum(timed), **peak_memory(device),
                 "gflop_per_step": flops / 1e9, "loss_impl": "full logits + F.cross_entropy",
                 "steps_timed": len(timed)}
     if contestant == "hf_trainer":
@@ -377,33 +420,38 @@ def child_hf_trainer(model, vocab, shape: dict, tmp: Path, tokens: int) -> dict:
 
     class Clock(transformers.TrainerCallback):
         def on_step_begin(self, *args, **kwargs):
+            sync(device)
             self.t = time.perf_counter()
 
-        def on_step_end(self, *args, **kwargs):
+        def on_step_end(self, *args, **kwargs):  # after the optimizer step
+            sync(device)
             times.append(time.perf_counter() - self.t)
 
+    device = shape["device"]
     targs = transformers.TrainingArguments(
         output_dir=str(tmp / "hf_out"), per_device_train_batch_size=shape["micro_batch"], max_steps=n,
         learning_rate=3e-4, weight_decay=0.1, max_grad_norm=1.0, report_to=[], save_strategy="no",
-        logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, seed=0)
+        logging_strategy="no", disable_tqdm=True, use_cpu=torch.device(device).type == "cpu",
+        bf16=shape["dtype"] == "bf16", dataloader_num_workers=0, seed=0)
     trainer = transformers.Trainer(model=hf, args=targs, train_dataset=data, callbacks=[Clock()])
     trainer.train()
     timed = times[shape["warmup"]:]
-    batch = {"input_ids": torch.stack([d["input_ids"] for d in data[: shape["micro_batch"]]])}
+    batch = {"input_ids": torch.stack([d["input_ids"] for d in data[: shape["micro_batch"]]]).to(hf.device)}
     flops = count_flops(lambda: hf(**batch, labels=batch["input_ids"]).loss.backward())
-    return {"tokens_per_s": tokens * len(timed) / sum(timed), "peak_rss_gib": peak_rss_gib(),
+    return {"tokens_per_s": tokens * len(timed) / sum(timed), **peak_memory(device),
             "gflop_per_step": flops / 1e9, "loss_impl": "transformers (full logits)", "steps_timed": len(timed)}
 
 
 def bench_train(a, env: dict, tmp: Path) -> list[dict]:
     from t2i_ds.model.args import model_preset
 
-    shape = train_shape(a.smoke)
+    shape = train_shape(a)
     _, _, cfg = train_config(shape, tmp / "cfg", "torch")
     vocab = cfg.vocab.build()
     args = model_preset(shape["preset"], **shape["overrides"], vocab_size=vocab.size)
     tokens = shape["micro_batch"] * vocab.seq_len
-    limit = same_shape_gflops(args, tokens, vocab.size, 2)  # forward matmuls at the step's token count
+    # forward matmuls at the step's token count, in the step's compute dtype
+    limit = same_shape_gflops(args, tokens, vocab.size, 2, a.device, DTYPES[a.dtype])
     skipped = {}
     if "hf_trainer" in a.train_contestants and importlib.util.find_spec("accelerate") is None:
         skipped["hf_trainer"] = "accelerate is not installed (transformers' Trainer needs accelerate>=1.1.0)"
@@ -414,14 +462,17 @@ def bench_train(a, env: dict, tmp: Path) -> list[dict]:
         for c in results:
             results[c].append(run_child({"part": "train", "contestant": c, "shape": shape}, tmp / f"train_{c}_{r}",
                                         inproc=a.smoke))
-            print(f"[train] {c}: {results[c][-1]['tokens_per_s']:.0f} tokens/s, peak RSS "
-                  f"{results[c][-1]['peak_rss_gib']:.2f} GiB", flush=True)
+            got = results[c][-1]
+            gpu_mem = f", peak device {got['peak_device_gib']:.2f} GiB" if "peak_device_gib" in got else ""
+            print(f"[train] {c}: {got['tokens_per_s']:.0f} tokens/s, peak RSS {got['peak_rss_gib']:.2f} GiB{gpu_mem}",
+                  flush=True)
     after = load1()
     rows = []
     for c, rs in results.items():
         best = max(rs, key=lambda x: x["tokens_per_s"])
         achieved = best["gflop_per_step"] * best["tokens_per_s"] / tokens
         rows.append({"bench": "peers_train", **env, "contestant": c, "dim": args.dim, "n_layers": args.n_layers,
+                     "device_type": torch.device(a.device).type,
                      "vocab_size": vocab.size, "seq_len": vocab.seq_len, "micro_batch": shape["micro_batch"],
                      "tokens_per_s_all": [round(x["tokens_per_s"], 1) for x in rs], **best,
                      "achieved_gflops": achieved, "same_shape_gflops": limit, "share_of_same_shape": achieved / limit,
@@ -599,14 +650,15 @@ def markdown(rows: list[dict]) -> str:
     if train:
         base = {r["contestant"]: r for r in train}
         ours = base.get("t2i_ds")
-        out += ["", "| training step | tokens/s | vs t2i_ds | peak RSS GiB | GFLOP/step | share of same-shape matmul | load |",
+        memory = "peak GPU GiB" if any("peak_device_gib" in r for r in train) else "peak RSS GiB"
+        out += ["", f"| training step | tokens/s | t2i_ds / it | {memory} | GFLOP/step | share of same-shape matmul | load |",
                 "|---" * 7 + "|"]
         for r in train:
             if "skipped" in r:
                 out.append(f"| {r['contestant']} | skipped: {r['skipped']} |" + " |" * 5)
                 continue
             rel = f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x" if ours else "-"
-            out.append(f"| {r['contestant']} | {r['tokens_per_s']:.0f} | {rel} | {r['peak_rss_gib']:.2f} | "
+            out.append(f"| {r['contestant']} | {r['tokens_per_s']:.0f} | {rel} | {r.get('peak_device_gib', r['peak_rss_gib']):.2f} | "
                        f"{r['gflop_per_step']:.3g} | {100 * r['share_of_same_shape']:.0f}% | "
                        f"{r['load1_before']}-{r['load1_after']} |")
     load = [r for r in rows if r["bench"] == "peers_load"]
@@ -639,8 +691,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load-repeats", type=int, default=2)
     p.add_argument("--workdir", default="", help="keep the written weights here (default: a temporary directory)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: generation, training and the limit run there")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="generation's weights and the limit's matmuls; training: bf16 = DeepSpeed's bf16 (auto on "
+                        "a GPU), torch.autocast in the plain loop, TrainingArguments(bf16=True) for the HF Trainer")
+    p.add_argument("--train-layers", type=int, default=4, help="open_lm_1b layers of the training step on a GPU")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, children in-process: checks the script")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peers.jsonl"))
+    p.add_argument("--note", default="", help="recorded in every row (e.g. which change an A/B run measures)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--tmp", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -649,7 +707,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.device(a.device).type == "cuda" else "cpu")
     if a.child:
         print("RESULT " + json.dumps(child(json.loads(a.child), Path(a.tmp))), flush=True)
         return 0
@@ -657,24 +715,24 @@ def main(argv=None) -> int:
         a.models, a.batches, a.repeats, a.train_repeats, a.load_repeats = ["smoke"], [2], 1, 1, 1
         a.load_layers, a.before_layers = 2, 2
         a.train_contestants = [c for c in a.train_contestants if c != "t2i_ds"]  # a DeepSpeed launch is not seconds
-    env = environment()
+    if torch.device(a.device).type == "cuda" and "load" in a.parts:
+        a.parts = [x for x in a.parts if x != "load"]  # host loading: the CPU's part
+        print("[load] skipped on cuda: loading is measured on the host (--device cpu)", flush=True)
+    env = environment(a.device, a.dtype)
+    if a.note:
+        env["note"] = a.note
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for part in a.parts:
-            if part == "limit":
-                rows += bench_limit(a, env)
-            elif part == "generate":
-                rows += bench_generate(a, env, tmp)
-            elif part == "train":
-                rows += bench_train(a, env, tmp)
-            elif part == "load":
-                rows += bench_load(a, env, tmp)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    parts = {"limit": lambda tmp: bench_limit(a, env), "generate": lambda tmp: bench_generate(a, env, tmp),
+             "train": lambda tmp: bench_train(a, env, tmp), "load": lambda tmp: bench_load(a, env, tmp)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for part in a.parts:
+            new = parts[part](Path(tmp))
+            with open(out, "a") as f:  # after every part: a run stopped at a time limit keeps what it measured
+                for r in new:
+                    f.write(json.dumps(r) + "\n")
+            rows += new
     print(markdown(rows))
     return 0
 

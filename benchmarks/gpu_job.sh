@@ -13,8 +13,13 @@
 #              linear_cross_entropy where present
 #   train      20 steps of open_lm-1b, bf16, micro-batch 8, no final checkpoint
 #   attention  the attention backends and fused elementwise kernels at B = 8
-# The limits add up to 535 s (< 9 minutes; each stage gets SIGINT at its limit and SIGKILL 15 s later). $OUT receives at most 8 files: job.log, stages.jsonl, junit.xml,
-# fused_ce.jsonl, train.jsonl, attention.jsonl. Exit status: 0 when every stage passed, 1 otherwise.
+#   peers      benchmarks/bench_peers.py in bf16 on the GPU: the bf16 matmul limit; generation vs transformers
+#              generate() (open_lm-1b cut to 2 layers, the paper's 66,822-row vocabulary, batch 8 and 32, CFG);
+#              the training step (open_lm-1b's dims cut to 4 layers, sequence 1,152, micro-batch 8) of t2i_ds vs a
+#              plain PyTorch loop vs the HF Trainer
+# The limits add up to 540 s (9 minutes; each stage gets SIGINT at its limit and SIGKILL 15 s later; none measured on
+# a GPU yet). $OUT receives at most 8 files: job.log, stages.jsonl, junit.xml, fused_ce.jsonl, train.jsonl,
+# attention.jsonl, peers.jsonl. Exit status: 0 when every stage passed, 1 otherwise.
 set -u -o pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -53,10 +58,12 @@ if [ "$MODE" = dry ]; then
   SMOKE=(--smoke)
   TRAIN_ARGS=(--smoke)
   ATTN_ARGS=(--smoke)
+  PEERS_ARGS=(--smoke)
 else
   SMOKE=()
   TRAIN_ARGS=(--preset open_lm_1b --micro-batch 8 --steps 20 --log-every 5 --skip-windows 1)
   ATTN_ARGS=(--batch 8)
+  PEERS_ARGS=(--device cuda --dtype bf16 --models open_lm_1b_2l --batches 8 32 --train-layers 4 --train-repeats 1)
 fi
 
 stage() {  # stage NAME LIMIT_S COMMAND...: run under `timeout`, log, record rc and seconds; never exit
@@ -86,12 +93,14 @@ mapfile -t CUDA_TESTS < <(grep -l "requires_cuda" tests/test_*.py)
 # pytest-xdist is installed (the GPU image has it; the GPU's memory holds the largest tests side by side).
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 6)
-stage tests 140 "$PY" -m pytest -q -p no:cacheprovider -m requires_cuda "${XDIST[@]}" --durations=15 \
+stage tests 130 "$PY" -m pytest -q -p no:cacheprovider -m requires_cuda "${XDIST[@]}" --durations=15 \
   --junitxml="$OUT/junit.xml" "${CUDA_TESTS[@]}"
-stage fused_ce 140 "$PY" benchmarks/bench_fused_ce.py "${SMOKE[@]}" --batches 8 --out "$OUT/fused_ce.jsonl" \
+stage fused_ce 100 "$PY" benchmarks/bench_fused_ce.py "${SMOKE[@]}" --batches 8 --out "$OUT/fused_ce.jsonl" \
   --impls sum_triton triton eager compile liger cce torch_lce torch_lce_chunked
 stage train 150 "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/train.jsonl"
-stage attention 60 "$PY" benchmarks/bench_attention.py "${ATTN_ARGS[@]}" --out "$OUT/attention.jsonl"
+stage attention 45 "$PY" benchmarks/bench_attention.py "${ATTN_ARGS[@]}" --out "$OUT/attention.jsonl"
+stage peers 70 "$PY" benchmarks/bench_peers.py "${PEERS_ARGS[@]}" --parts limit generate train --threads 1 \
+  --out "$OUT/peers.jsonl"
 
 failed=$(grep -vc '"rc": 0,' "$STAGES")
 echo "=== done ($MODE, commit $T2I_GIT_REVISION): $failed failed stage(s); results in $OUT" | tee -a "$LOG"

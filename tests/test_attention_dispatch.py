@@ -10,9 +10,13 @@ import pytest  # noqa: E402
 
 from t2i_ds.model.attention import (  # noqa: E402
     VALID_BACKENDS,
+    _eager_masked,
     attention,
     auto_choices,
     available_backends,
+    decode_attention,
+    decode_attention_bias,
+    padded_causal_mask,
     reset_auto_choices,
 )
 from t2i_kernels.flash_attn import attention_ref  # noqa: E402
@@ -156,3 +160,26 @@ def test_cuda_auto_measures_once_and_caches():
     assert torch.equal(first, attention(q, k, v, backend=chosen))
     attention(q[:, -1:], k, v)  # decode shape: a second key, timed separately
     assert len(auto_choices()) == 2
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_the_masked_reference(causal, dtype):
+    """The CPU decode path (one query over a cache, explicit softmax) = the masked path's fp64 reference within the
+    error budget of SDPA in the same dtype; left-padded rows of different lengths, odd sizes (B=3, H=5, Sk=37, D=24).
+    causal: the query is the last key and sees it even when the mask says padded; False: the mask alone decides."""
+    B, Sk, H, D = 3, 37, 5, 24
+    q, k, v = _qkv(B, 1, Sk, H, D, dtype, seed=3)  # (B, 1, H, D), (B, Sk, H, D)
+    mask = torch.arange(Sk)[None, :] >= torch.tensor([0, 4, 11])[:, None]  # (B, Sk): 0, 4, 11 pads
+    if causal:
+        mask[1, -1] = False  # the query's own key: attended all the same (the module docstring's rule)
+    full = padded_causal_mask(mask, 1, causal)  # (B, 1, 1, Sk)
+    ref = _eager_masked(q.double(), k.double(), v.double(), full)  # (B, 1, H, D) fp64
+    same = attention(q, k, v, causal=causal, backend="sdpa", key_padding_mask=mask)
+    bias = decode_attention_bias(mask, H, dtype, causal)  # (B * H, 1, Sk)
+    k3, v3 = (t.transpose(1, 2).reshape(B * H, Sk, D) for t in (k, v))  # the cache's (B, H, S, D) layout, flattened
+    got = decode_attention(q.transpose(1, 2).reshape(B * H, 1, D), k3, v3, bias).view(B, H, 1, D).transpose(1, 2)
+    _budget_check(got, ref, same, dtype, f"decode causal={causal} {dtype}")
+    unmasked = decode_attention(q.transpose(1, 2).reshape(B * H, 1, D), k3, v3, None).view(B, H, 1, D).transpose(1, 2)
+    _budget_check(unmasked, _eager_masked(q.double(), k.double(), v.double(), torch.ones_like(full)),
+                  attention(q, k, v, causal=True, backend="sdpa"), dtype, f"decode unmasked {dtype}")

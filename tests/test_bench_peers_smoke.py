@@ -14,7 +14,7 @@ def test_bench_peers_smoke(tmp_path, capsys):
     assert bench.main(["--smoke", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     for r in rows:
-        for key in ("date", "commit", "torch", "transformers", "device", "threads"):
+        for key in ("date", "commit", "torch", "transformers", "device", "dtype", "threads"):
             assert key in r, key
     gen = [r for r in rows if r["bench"] == "peers_generate"]
     assert {r["contestant"] for r in gen} == {"t2i_ds", "hf_guidance", "hf_doubled"}
@@ -22,7 +22,9 @@ def test_bench_peers_smoke(tmp_path, capsys):
     assert all("load1_before" in r for r in gen)
     train = {r["contestant"]: r for r in rows if r["bench"] == "peers_train"}
     assert train["plain"]["tokens_per_s"] > 0 and train["plain"]["gflop_per_step"] > 0
-    assert "hf_trainer" in train  # measured, or a row that says why not
+    hf = train["hf_trainer"]  # transformers' Trainer on the exported model (accelerate is in the test extra)
+    assert "skipped" not in hf, hf.get("skipped")
+    assert hf["tokens_per_s"] > 0 and hf["gflop_per_step"] > 0 and hf["share_of_same_shape"] > 0
     load = {(r["contestant"], r["layers"]) for r in rows if r["bench"] == "peers_load"}
     assert {("t2i_ds", 2), ("hf_from_pretrained", 2), ("t2i_ds_before", 2)} <= load
     assert {r["threads"] for r in rows if r["bench"] == "peers_limit"} >= {1}

@@ -250,7 +250,10 @@ def test_forward_static_matches_forward_with_cache(pos_embed):
         whole = m.forward_static(new, static, index, positions=pos, key_padding_mask=full, kv_len=None, rows=rows)
         for out in (got, whole):
             torch.testing.assert_close(out, want[:, rows[0] : rows[1]], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(eager.layers[1].k.transpose(1, 2)[:, : L + t + 1], past[1][0], rtol=0, atol=0)
+        # the cache holds what the growing cache holds: layer 0's keys bit for bit (the same ops on the same inputs);
+        # deeper layers' within rounding, since the one-token CPU steps attend with `decode_attention`, not SDPA
+        torch.testing.assert_close(eager.layers[0].k.transpose(1, 2)[:, : L + t + 1], past[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(eager.layers[1].k.transpose(1, 2)[:, : L + t + 1], past[1][0], rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_static_step_traces_once(model, monkeypatch):

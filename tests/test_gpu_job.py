@@ -1,7 +1,7 @@
 """benchmarks/gpu_job.sh --dry-run: the GPU job's stages, on the CPU at tiny shapes, so the job cannot rot.
 
 The dry run runs the same commands as the job on a lent GPU (the requires_cuda tests, the fused-CE benchmark, the
-training benchmark, the attention benchmark), each benchmark in its --smoke mode (Triton interpreter, tiny fp32
+training benchmark, the attention benchmark, the comparison with the peers), each benchmark in its --smoke mode (Triton interpreter, tiny fp32
 shapes; its timings mean nothing). Checked here: every stage passes, $OUT holds at most 8 files (the device
 tool's limit), the rows carry the stamped commit, and each benchmark writes well-formed rows. This test replaces
 the three per-script smoke tests, which ran the same scripts.
@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STAMP = "0123456789abcdef0123456789abcdef01234567-test"
-STAGES = ["tests", "fused_ce", "train", "attention"]
+STAGES = ["tests", "fused_ce", "train", "attention", "peers"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,8 @@ def test_every_stage_passes_and_out_fits_the_device_limits(dry_run):
     assert all(s["mode"] == "dry" and s["commit"] == STAMP for s in stages)
     assert sum(s["limit_s"] for s in stages) + 45 <= 9 * 60, "the stage limits (and install) fit in 9 minutes"
     files = sorted(p.name for p in out.rglob("*") if p.is_file())
-    assert files == ["attention.jsonl", "fused_ce.jsonl", "job.log", "junit.xml", "stages.jsonl", "train.jsonl"]
+    assert files == ["attention.jsonl", "fused_ce.jsonl", "job.log", "junit.xml", "peers.jsonl", "stages.jsonl",
+                     "train.jsonl"]
     assert len(files) <= 8
 
 
@@ -116,6 +117,21 @@ def test_attention_rows(dry_run):
     assert {r["backend"] for r in elementwise} == {"triton", "torch"}  # torch.compile is skipped in smoke mode
     for r in elementwise:
         assert ATTN_FIELDS | {"gbps"} <= r.keys() and r["mode"] in ("fwd", "bwd") and r["gbps"] > 0
+
+
+@pytest.mark.slow
+def test_peers_rows(dry_run):
+    """The peers stage: the limit, generation (t2i_ds vs both transformers forms) and the training step (the plain
+    loop and the HF Trainer; the DeepSpeed launch is not part of --smoke), each row with the stamped commit."""
+    _, out, _ = dry_run
+    rows = _rows(out / "peers.jsonl")
+    assert {r["bench"] for r in rows} == {"peers_limit", "peers_generate", "peers_train"}
+    assert all(r["commit"] == STAMP and r["dtype"] == "fp32" and "load1_before" in r for r in rows)
+    gen = [r for r in rows if r["bench"] == "peers_generate"]
+    assert {r["contestant"] for r in gen} == {"t2i_ds", "hf_guidance", "hf_doubled"}
+    assert all(r["codes_equal"] and r["images_per_s"] > 0 for r in gen)
+    train = {r["contestant"]: r for r in rows if r["bench"] == "peers_train"}
+    assert set(train) == {"plain", "hf_trainer"} and all(r["tokens_per_s"] > 0 for r in train.values())
 
 
 def test_stamp_writes_the_revision_file(tmp_path):

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from t2i_ds.model.args import ModelArgs
-from t2i_ds.model.attention import attention
+from t2i_ds.model.attention import attention, decode_attention, decode_attention_bias, use_decode_attention
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, S_past, H, D)
 
@@ -150,6 +150,19 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return q_out.to(q.dtype), k_out.to(k.dtype)
 
 
+def apply_rotary_qk(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` of q and k stacked, qk (2, B, S, H, D) (any strides, e.g. a permuted view of the fused
+    in_proj output) -> (2, B, S, H, D) contiguous, so q = out[0] and k = out[1] are contiguous: the same fp32
+    elementwise math (bitwise the same values: x*cos + rotate_half(x)*sin, each product rounded, then the sum), in
+    one pass over q and k (a decode step of a small model is op overhead). cos, sin as `RopeTable.at` gives them:
+    (B, S, 1, D) or (1, 1, H, D)."""
+    cos, sin = cos[None], sin[None]  # (1, B, S, 1, D) or (1, 1, 1, H, D): over q and k alike
+    x = qk.float()
+    out = rotate_half(x) * sin  # (2, B, S, H, D) contiguous (torch.cat's output)
+    out += x * cos  # in place: the layout stays
+    return out.to(qk.dtype)
+
+
 class CustomAttn(nn.Module):
     """open_lm `CustomAttn`: fused in_proj [Wq; Wk; Wv], optional qk-norm, rotary, out_proj."""
 
@@ -210,6 +223,7 @@ class CustomAttn(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         key_padding_mask: torch.Tensor | None,
         kv_len: int | None,
+        decode_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Generation with a preallocated cache: x (B, S, dim) are the tokens at cache columns `index` (S,) int64.
 
@@ -217,22 +231,48 @@ class CustomAttn(nn.Module):
         tokens being the last S of them (prefill; eager decoding); key_padding_mask (B, n). kv_len = None: one
         token (S == 1) attends the whole cache with key_padding_mask (B, S_max) marking the columns written so
         far: every step has the same shapes (torch.compile / CUDA graphs). rope: cos, sin for the new tokens.
+        One new token on the CPU (`use_decode_attention`) takes the explicit-softmax decode path instead of SDPA,
+        under `decode_bias` (B * H, 1, n), the key-padding mask as `decode_attention_bias` makes it once per step
+        for every layer (None with a mask: made here; None without one: every column attended).
         """
         B, S, _ = x.shape  # (B, S, dim)
-        q, k, v = self._qkv(x)  # (B, S, H, D) each
-        if rope is not None:
-            q, k = apply_rotary(q, k, *rope)
+        if self.q_norm is None:  # q and k rotated in one go
+            qkv = F.linear(x, self.in_proj.weight).view(B, S, 3, self.n_heads, self.head_dim)  # (B, S, 3, H, D)
+            qk, v = qkv[:, :, :2].permute(2, 0, 1, 3, 4), qkv[:, :, 2]  # (2, B, S, H, D), (B, S, H, D) views
+            if rope is not None:
+                qk = apply_rotary_qk(qk, *rope)  # contiguous: q and k below too
+            q, k = qk[0], qk[1]  # (B, S, H, D) each
+        else:
+            q, k, v = self._qkv(x)  # (B, S, H, D) each
+            if rope is not None:
+                q, k = apply_rotary(q, k, *rope)
         cache.k.index_copy_(2, index, k.transpose(1, 2))  # (B, H, S_max, D), written in place
         cache.v.index_copy_(2, index, v.transpose(1, 2))
+        if kv_len is None and (S != 1 or key_padding_mask is None):
+            raise ValueError("forward_static over the whole cache needs one new token and a key_padding_mask")
+        if decode_bias is not None or (S == 1 and use_decode_attention(x, self.backend)):
+            if decode_bias is None and key_padding_mask is not None:
+                decode_bias = decode_attention_bias(key_padding_mask, self.n_heads, x.dtype, kv_len is not None)
+            return F.linear(self._decode_attention(q, cache, decode_bias, kv_len), self.out_proj.weight)  # (B, 1, dim)
         keys, values = cache.k.transpose(1, 2), cache.v.transpose(1, 2)  # (B, S_max, H, D) views
         if kv_len is None:
-            if S != 1 or key_padding_mask is None:
-                raise ValueError("forward_static over the whole cache needs one new token and a key_padding_mask")
             causal = False  # the mask alone says which columns exist
         else:
             keys, values, causal = keys[:, :kv_len], values[:, :kv_len], True  # (B, kv_len, H, D) views
         out = attention(q, keys, values, causal=causal, backend=self.backend, key_padding_mask=key_padding_mask)
-        return self.out_proj(out.reshape(B, S, self.dim))  # (B, S, dim)
+        return F.linear(out.reshape(B, S, self.dim), self.out_proj.weight)  # (B, S, dim)
+
+    def _decode_attention(self, q: torch.Tensor, cache: StaticKV, bias: torch.Tensor | None,
+                          kv_len: int | None) -> torch.Tensor:
+        """One new token per row over the cache: q (B, 1, H, D) -> (B, 1, dim). bias (B * H, 1, n) additive over
+        the first n = kv_len (or S_max) columns, None = attend them all (`decode_attention_bias`)."""
+        B, _, H, D = q.shape
+        n = cache.k.shape[2] if kv_len is None else kv_len
+        keys = cache.k[:, :, :n].reshape(B * H, n, D)  # (B * H, n, D): a view of the cache's prefix
+        values = cache.v[:, :, :n].reshape(B * H, n, D)
+        out = decode_attention(q.transpose(1, 2).reshape(B * H, 1, D), keys, values, bias)  # (B * H, 1, D); q
+        # contiguous (apply_rotary_qk): a view. One position: (B, H, 1, D) memory is (B, 1, H, D) memory
+        return out.view(B, 1, self.dim)  # (B, 1, dim)
 
 
 class SwiGLU(nn.Module):
@@ -279,7 +319,12 @@ class Block(nn.Module):
         h = x + a
         return h + self.feed_forward(self.ffn_norm(h)), kv
 
-    def forward_static(self, x, cache: StaticKV, index, rope, key_padding_mask, kv_len) -> torch.Tensor:
-        """`forward` for generation with a preallocated cache (CustomAttn.forward_static)."""
-        h = x + self.attention.forward_static(self.attention_norm(x), cache, index, rope, key_padding_mask, kv_len)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward_static(self, x, cache: StaticKV, index, rope, key_padding_mask, kv_len, decode_bias=None) -> torch.Tensor:
+        """`forward` for generation with a preallocated cache (CustomAttn.forward_static). No training, no hooks:
+        submodules' `forward` and the linear weights are called directly, skipping nn.Module.__call__'s dispatch
+        (a few microseconds each, 7 per layer per step: a small model's decode step is made of such overheads)."""
+        h = x + self.attention.forward_static(self.attention_norm.forward(x), cache, index, rope, key_padding_mask,
+                                              kv_len, decode_bias)
+        ffn = self.feed_forward
+        gate, up = F.linear(self.ffn_norm.forward(h), ffn.w12.weight).chunk(2, dim=-1)  # 2 x (B, S, hidden)
+        return h + F.linear(F.silu(gate) * up, ffn.w3.weight)  # SwiGLU.forward, inline

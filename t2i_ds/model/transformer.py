@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from t2i_ds.model.args import ModelArgs
+from t2i_ds.model.attention import decode_attention_bias, use_decode_attention
 from t2i_ds.model.head import LMHead, LossOutput
 from t2i_ds.model.layers import (
     Block, InitStep, KVCache, RopeTable, StaticKV, apply_init, constant_step, make_norm, trunc_normal_step,
@@ -30,7 +32,7 @@ class DecodeCache:
     """Everything a decode needs allocated once: per-layer K/V of (B, H, S_max, D) and rotary tables."""
 
     layers: list[StaticKV]
-    rope: list[RopeTable | None]  # per layer (open_lm gives every layer its own `inv_freq`)
+    rope: list[RopeTable | None]  # per layer; layers with equal `inv_freq` (open_lm: every layer) share one table
     max_len: int
 
 
@@ -139,8 +141,17 @@ class Transformer(nn.Module):
         shape = (batch, a.n_heads, max_len, a.head_dim)
         layers = [StaticKV(torch.zeros(shape, dtype=w.dtype, device=w.device), torch.zeros(shape, dtype=w.dtype, device=w.device))
                   for _ in self.layers]
-        rope = [None if layer.attention.pos_embed is None else layer.attention.pos_embed.table(max_len, a.n_heads, w.device)
-                for layer in self.layers]
+        rope, tables = [], []  # one table per distinct inv_freq (open_lm gives every layer its own, equal ones)
+        for layer in self.layers:
+            pe = layer.attention.pos_embed
+            if pe is None:
+                rope.append(None)
+                continue
+            same = [t for f, by_head, t in tables if by_head == pe.by_head and torch.equal(f, pe.inv_freq)]
+            if not same:
+                tables.append((pe.inv_freq, pe.by_head, pe.table(max_len, a.n_heads, w.device)))
+                same = [tables[-1][2]]
+            rope.append(same[0])
         return DecodeCache(layers, rope, max_len)
 
     @torch.no_grad()
@@ -163,11 +174,15 @@ class Transformer(nn.Module):
         whole cache under a (B, S_max) mask of the written columns (static shapes for CUDA graphs). rows = (a, b)
         computes only output rows [a, b) (the image ids while decoding an image), None all of them.
         """
-        x = self.post_embed_norm(self.tok_embeddings(input_ids))  # (B, S, dim)
+        x = self.post_embed_norm.forward(F.embedding(input_ids, self.tok_embeddings.weight))  # (B, S, dim); no hooks
+        bias = None  # one token on the CPU: the decode path's mask, made once for every layer
+        if key_padding_mask is not None and input_ids.shape[1] == 1 and use_decode_attention(x, self.args.attn_backend):
+            bias = decode_attention_bias(key_padding_mask, self.args.n_heads, x.dtype, kv_len is not None)
+        ropes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layers sharing a table share its gather
         for layer, kv, table in zip(self.layers, cache.layers, cache.rope):
-            rope = None if table is None else table.at(positions)
-            x = layer.forward_static(x, kv, index, rope, key_padding_mask, kv_len)  # (B, S, dim)
-        h = self.norm(x[:, -1:])  # (B, 1, dim): the norm is per position, only the last one is sampled from
+            rope = None if table is None else ropes.get(id(table)) or ropes.setdefault(id(table), table.at(positions))
+            x = layer.forward_static(x, kv, index, rope, key_padding_mask, kv_len, bias)  # (B, S, dim)
+        h = self.norm.forward(x[:, -1:])  # (B, 1, dim): the norm is per position, only the last one is sampled from
         return self.output.logits(h, rows)[:, 0]  # (B, rows)
 
 
