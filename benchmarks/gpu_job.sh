@@ -90,9 +90,10 @@ fi
 
 mapfile -t CUDA_TESTS < <(grep -l "requires_cuda" tests/test_*.py)
 # Triton's first-launch compiles dominate this stage on a bare machine: spread the tests over processes where
-# pytest-xdist is installed (the GPU image has it; the GPU's memory holds the largest tests side by side).
+# pytest-xdist is installed (the GPU image has it; the GPU's memory holds the largest tests side by side). Not in the
+# dry run, where every test skips: six workers collecting the suite cost `make test` ~20 CPU-s for nothing.
 XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 6)
+[ "$MODE" = gpu ] && "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 6)
 stage tests 130 "$PY" -m pytest -q -p no:cacheprovider -m requires_cuda "${XDIST[@]}" --durations=15 \
   --junitxml="$OUT/junit.xml" "${CUDA_TESTS[@]}"
 stage fused_ce 100 "$PY" benchmarks/bench_fused_ce.py "${SMOKE[@]}" --batches 8 --out "$OUT/fused_ce.jsonl" \
