@@ -67,18 +67,25 @@ lock:
 	$(UV_COMPILE) pyproject.toml requirements/cpu.in --extra test -c requirements/cpu.lock \
 		--no-emit-package torch --no-emit-package triton -o requirements/gpu.lock
 
-# The drift check (not part of `make test` or CI): a second venv from pyproject's ranges alone, newest releases,
-# the CPU torch wheel the one exception; then the suite, less the test that holds the venv to the lock.
+# The drift check (not part of `make test` or CI): a second venv from pyproject's ranges alone, newest releases
+# resolved by the locked uv, the CPU torch wheel the one exception (installed first: DeepSpeed builds against it);
+# the project last, by itself, as `make venv` does (PyPI's `kernels` hooks setuptools' egg_info and imports
+# huggingface_hub: building the project while uv was still installing that failed); then the suite as `make test`
+# runs it, less the test that holds the venv to the lock.
 LATEST_VENV ?= .venv-latest
+LATEST_PY := $(LATEST_VENV)/bin/python
+LATEST_INSTALL = $(LATEST_VENV)/bin/uv pip install -q --compile-bytecode --python $(LATEST_PY) $(TORCH_SOURCE)
+LATEST_TORCH = "torch==$$(sed -n 's/^torch==\([^ ]*\).*/\1/p' requirements/cpu.lock)"
 test-latest:
 	$(PYTHON) -m venv --clear $(LATEST_VENV)
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
-	$(LATEST_VENV)/bin/python -m pip install -q "torch==2.13.0+cpu"
-	$(LATEST_VENV)/bin/python -m pip install -q --no-build-isolation -e ".[test]" "torch==2.13.0+cpu"
-	$(LATEST_VENV)/bin/python -m pip install -q --no-deps --target $(LATEST_VENV)/nodeps clean-fid
-	$(LATEST_VENV)/bin/python -m pip check
-	TORCH_EXTENSIONS_DIR=$(abspath $(LATEST_VENV))/torch_extensions \
-		$(LATEST_VENV)/bin/python -m pytest -q tests --deselect tests/test_environment.py::test_venv_matches_the_locks
+	$(LATEST_PY) -m pip install -q --no-deps --require-hashes -r requirements/uv.lock
+	$(LATEST_INSTALL) --upgrade pip setuptools wheel $(LATEST_TORCH)
+	$(LATEST_INSTALL) --no-build-isolation -r pyproject.toml --extra test $(LATEST_TORCH)
+	$(LATEST_INSTALL) --no-build-isolation --no-deps -e .
+	$(LATEST_INSTALL) --no-deps --target $(LATEST_VENV)/nodeps clean-fid
+	$(LATEST_PY) -m pip check
+	TORCH_EXTENSIONS_DIR=$(abspath $(LATEST_VENV))/torch_extensions $(LATEST_PY) -m pytest -q -n $(TEST_WORKERS) \
+		--dist loadscope tests --deselect tests/test_environment.py::test_venv_matches_the_locks
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) $(LATEST_VENV) runs .pytest_cache

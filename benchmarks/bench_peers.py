@@ -355,7 +355,9 @@ def child_train(contestant: str, shape: dict, tmp: Path) -> dict:
         base, sets, cfg = train_config(shape, tmp / "run", loss_impl)
         cmd = [sys.executable, "-m", "t2i_ds.train", "--ds_config", str(ROOT / "ds_configs" / "zero2.json"),
                "--preset", base] + [x for s in sets for x in ("--set", s)]
-        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if gpu else "cpu")}
+        # the same threads as the other contestants (this child's): torch's default in a new process is every core
+        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if gpu else "cpu"),
+               "OMP_NUM_THREADS": str(torch.get_num_threads())}
         subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL)  # bf16 on a GPU (zero2.json: auto)
         last = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()][-1]
         vocab = cfg.vocab.build()
