@@ -19,6 +19,13 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _HAS_CUDA else os.environ.get("DS_ACCELERATOR", "cuda"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under xdist the workers fill the cores (make test: two workers, two cores): one intra-op thread each, for the torch
+# work of the tests and of the processes they start, as the training ranks already run (tests/trainer_utils.env).
+# Two threads per worker oversubscribed the cores, and OpenMP's idle threads spin.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= 2:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "_torch" in globals():
+        _torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # DeepSpeed JIT-builds its CPU communication op: keep the build cache inside this virtual environment, so two
 # environments never rebuild (or wait on) each other's op, and build with this environment's ninja (jit_cache).
 from t2i_ds.trainer.jit_cache import use_own_cache  # noqa: E402
