@@ -44,7 +44,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import struct
 import subprocess
 import sys
@@ -106,7 +105,9 @@ def load1() -> float:
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    from t2i_ds.trainer.metrics import host_peak_rss_gib  # VmHWM: ru_maxrss counts the parent's peak (see there)
+
+    return host_peak_rss_gib()
 
 
 _FORMULAS: list = []

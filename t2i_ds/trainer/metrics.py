@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 import time
 
 import torch
@@ -95,7 +96,20 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
             "mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
             "mem/reserved_gib": torch.cuda.memory_reserved(device) / 2**30,
         }
-    return {"mem/host_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"mem/host_max_rss_gib": host_peak_rss_gib()}
+
+
+def host_peak_rss_gib() -> float:
+    """This process's peak resident memory, GiB: /proc's VmHWM, the high-water mark of its own address space.
+
+    Not `getrusage().ru_maxrss`: Linux carries that across exec, so a process started by a larger one (a launcher,
+    a benchmark's parent holding a model) reported the parent's peak (4.00 GiB for a 2.6 GiB training child)."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return kib / 2**20
+    except (OSError, StopIteration, ValueError):  # no /proc (macOS): ru_maxrss is bytes there, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 class TensorBoard:
