@@ -92,12 +92,14 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def ce_grad_pass_torch(z: torch.Tensor, targets: torch.Tensor, ignore_index: int, write_grad: bool) -> torch.Tensor:
     """The Triton pass's math in torch: loss [C] fp32; with ``write_grad`` z [C, V] becomes softmax - onehot.
 
-    log_softmax is written over the fp32 logits in place (its CPU kernel reads a row whole before writing it): one
-    fused pass and no [C, V] temporary. `torch.logsumexp` then `sub_` took 0.38 s against 0.17 s at C = 1,152,
-    V = 66,822 on one core, where the training step is ~5 s (benchmarks/results/peers.jsonl)."""
+    log_softmax is written over the fp32 logits in place (its row kernels read a row before writing it): one fused
+    pass and no [C, V] temporary. `torch.logsumexp` then `sub_` / `exp_` took 0.50 s against 0.26 s at C = 1,152,
+    V = 66,822 on one core, where the training step is ~5 s (benchmarks/README.md, "One run of every part")."""
     valid = targets != ignore_index                                               # [C]
     safe = torch.where(valid, targets, 0).long()[:, None]                         # [C, 1]
-    zf = z.float() if write_grad or z.dtype != torch.float32 else z.clone()      # [C, V] fp32, ours to overwrite
+    zf = z.float()                                                                # [C, V] fp32: z itself if fp32
+    if zf is z and not write_grad:
+        zf = z.clone()                                                            # z stays the logits
     logp = torch.log_softmax(zf, dim=-1, out=zf)                                  # [C, V] fp32, in place
     loss = torch.where(valid, (-logp.gather(1, safe).squeeze(1)).clamp_min(0.0), 0.0)
     if write_grad:
