@@ -15,8 +15,10 @@ Parts (`--parts`, all by default):
               to 2 layers, the paper's 66,822-row vocabulary, the first 32 image tokens); batch 1, 8, 32.
     train     tokens/s and peak RSS of one training step at dim 512 (open_lm_1b's block, 2 layers, 8 heads), the
               paper's vocabulary and sequence (1,152), micro-batch 1, fp32, each contestant in its own process:
-                t2i_ds       `python -m t2i_ds.train` (DeepSpeed engine, ZeRO-2, 1 rank, chunked CE: the fused CE's
-                             CPU path; never the full logits), the trainer's own tokens/s and host max RSS;
+                t2i_ds       `python -m t2i_ds.train` (DeepSpeed engine, 1 rank, ds_configs/zero0.json: the one-GPU
+                             config; chunked CE: the fused CE's CPU path, never the full logits), the trainer's own
+                             tokens/s and host max RSS;
+                t2i_ds_zero2 the same with ds_configs/zero2.json (what ZeRO's bookkeeping costs on one rank);
                 plain        the same model in a plain PyTorch loop: torch AdamW, full logits, F.cross_entropy;
                 hf_trainer   transformers' Trainer on the exported model (StableLm).
     load      building open_lm_1b (all 24 layers, 66,822 rows, random weights written here: nothing is downloaded)
@@ -60,7 +62,8 @@ sys.path.insert(0, str(ROOT))
 
 PARTS = ("limit", "generate", "train", "load")
 GEN_CONTESTANTS = ("t2i_ds", "hf_guidance", "hf_doubled")
-TRAIN_CONTESTANTS = ("t2i_ds", "plain", "hf_trainer")
+TRAIN_CONTESTANTS = ("t2i_ds", "t2i_ds_zero2", "plain", "hf_trainer")
+DS_CONFIGS = {"t2i_ds": "zero0.json", "t2i_ds_zero2": "zero2.json"}  # the trainer's contestants
 LOAD_CONTESTANTS = ("t2i_ds", "hf_from_pretrained", "t2i_ds_before")
 
 
@@ -351,15 +354,15 @@ def child_train(contestant: str, shape: dict, tmp: Path) -> dict:
     from t2i_ds.trainer.parallelize import model_args
 
     device, gpu = shape["device"], torch.device(shape["device"]).type == "cuda"
-    if contestant == "t2i_ds":  # the fused CE: its Triton kernels on a GPU, its chunked CPU path here
+    if contestant in DS_CONFIGS:  # the fused CE: its Triton kernels on a GPU, its chunked CPU path here
         loss_impl = "auto" if gpu else "chunked"
         base, sets, cfg = train_config(shape, tmp / "run", loss_impl)
-        cmd = [sys.executable, "-m", "t2i_ds.train", "--ds_config", str(ROOT / "ds_configs" / "zero2.json"),
+        cmd = [sys.executable, "-m", "t2i_ds.train", "--ds_config", str(ROOT / "ds_configs" / DS_CONFIGS[contestant]),
                "--preset", base] + [x for s in sets for x in ("--set", s)]
         # the same threads as the other contestants (this child's): torch's default in a new process is every core
         env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if gpu else "cpu"),
                "OMP_NUM_THREADS": str(torch.get_num_threads())}
-        subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL)  # bf16 on a GPU (zero2.json: auto)
+        subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL)  # bf16 on a GPU (bf16: auto)
         last = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()][-1]
         vocab = cfg.vocab.build()
         model = build_model(model_args(cfg, vocab), vocab.modality_bounds).to(device)
@@ -369,7 +372,7 @@ def child_train(contestant: str, shape: dict, tmp: Path) -> dict:
         if gpu:
             memory["peak_device_gib"] = last["mem/peak_allocated_gib"]
         return {"tokens_per_s": last["perf/tokens_per_s_per_device"], **memory, "gflop_per_step": flops / 1e9,
-                "loss_impl": loss_impl, "steps_timed": shape["steps"]}
+                "loss_impl": loss_impl, "ds_config": DS_CONFIGS[contestant], "steps_timed": shape["steps"]}
     _, _, cfg = train_config(shape, tmp / "run", "torch")
     vocab = cfg.vocab.build()
     torch.manual_seed(0)
@@ -717,7 +720,7 @@ def main(argv=None) -> int:
     if a.smoke:
         a.models, a.batches, a.repeats, a.train_repeats, a.load_repeats = ["smoke"], [2], 1, 1, 1
         a.load_layers, a.before_layers = 2, 2
-        a.train_contestants = [c for c in a.train_contestants if c != "t2i_ds"]  # a DeepSpeed launch is not seconds
+        a.train_contestants = [c for c in a.train_contestants if c not in DS_CONFIGS]  # a DeepSpeed launch is not seconds
     if torch.device(a.device).type == "cuda" and "load" in a.parts:
         a.parts = [x for x in a.parts if x != "load"]  # host loading: the CPU's part
         print("[load] skipped on cuda: loading is measured on the host (--device cpu)", flush=True)

@@ -63,7 +63,8 @@ else
   SMOKE=()
   TRAIN_ARGS=(--preset open_lm_1b --micro-batch 8 --steps 20 --log-every 5 --skip-windows 1)
   ATTN_ARGS=(--batch 8)
-  PEERS_ARGS=(--device cuda --dtype bf16 --models open_lm_1b_2l --batches 8 32 --train-layers 4 --train-repeats 1)
+  PEERS_ARGS=(--device cuda --dtype bf16 --models open_lm_1b_2l --batches 8 32 --train-layers 4 --train-repeats 1
+    --train-contestants t2i_ds plain hf_trainer)  # t2i_ds: zero0.json, the one-GPU config (70 s: no zero2 row)
 fi
 
 stage() {  # stage NAME LIMIT_S COMMAND...: run under `timeout`, log, record rc and seconds; never exit

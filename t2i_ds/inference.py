@@ -1,7 +1,8 @@
 """A trained run, loaded for sampling and evaluation: its config, its newest complete checkpoint, its model.
 
-ZeRO-2/3 checkpoints hold the fp32 master weights in optimizer partitions; DeepSpeed's own `zero_to_fp32`
-consolidates them (any world size) into one state dict with open_lm's key names. Used by generate, eval, the demo
+ZeRO-1/2/3 checkpoints hold the fp32 master weights in optimizer partitions; DeepSpeed's own `zero_to_fp32`
+consolidates them (any world size) into one state dict with open_lm's key names. A stage-0 fp32 checkpoint has
+no partitions: its weights are the module's, in mp_rank_00_model_states.pt. Used by generate, eval, the demo
 and export (t2i_ds.export writes that state dict as an open_lm checkpoint).
 """
 
@@ -17,7 +18,7 @@ import torch
 from t2i_ds.config import Config, from_dict
 from t2i_ds.model import Transformer
 from t2i_ds.model.checkpoint import build_loaded
-from t2i_ds.trainer.checkpointing import complete_checkpoints, find_resume, is_complete
+from t2i_ds.trainer.checkpointing import complete_checkpoints, find_resume, is_complete, saved_world_size
 from t2i_ds.trainer.parallelize import model_args
 from t2i_ds.vocab import Vocab
 
@@ -47,7 +48,10 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights from a (possibly ZeRO-partitioned) DeepSpeed checkpoint directory."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if saved_world_size(ckpt) is None:  # stage 0 in fp32: the module's weights are the master weights
+        sd = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    else:
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 

@@ -3,7 +3,7 @@
     deepspeed --num_gpus 8 --module t2i_ds.train --ds_config ds_configs/zero2.json \\
         --set data.path=/data/tokens --set train.run_dir=runs/t2i
     torchrun --nproc_per_node 8 -m t2i_ds.train --ds_config ds_configs/zero2.json --set data.path=/data/tokens
-    python -m t2i_ds.train --ds_config ds_configs/zero2.json --preset debug      # single process
+    python -m t2i_ds.train --ds_config ds_configs/zero0.json --preset debug      # single process (stage 0)
     python -m t2i_ds.train --ds_config ds_configs/zero2.json --dry-run            # print the resolved config
 
 DeepSpeed's launcher spells Python's `-m` as `--module`; torchrun spells it `-m`.

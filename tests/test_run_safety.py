@@ -27,7 +27,7 @@ from t2i_ds import train
 from t2i_ds.trainer import checkpointing, jit_cache, rundir
 from t2i_ds.trainer.agree import Agreement
 from tests.rank_workers import Ranks, train_main
-from tests.trainer_utils import DS_ZERO2, losses, metrics, write_random_shards, zero_checkpoint_state
+from tests.trainer_utils import DS_ZERO0, DS_ZERO2, losses, metrics, write_random_shards, zero_checkpoint_state
 from tests.trainer_utils import train as launch
 
 DEBUG = ["--ds_config", DS_ZERO2, "--preset", "debug"]
@@ -598,22 +598,23 @@ def test_a_kill_during_the_universal_conversion_is_redone(base_run, tmp_path):
 
 
 # ---- non-finite steps ------------------------------------------------------------------------------------
-def nonfinite_step_scenario(rank: int, run_dir: str) -> dict:
-    """On 2 ZeRO-2 ranks: two good steps, then one whose loss is NaN on rank 1 only, then a good one."""
+def nonfinite_step_scenario(rank: int, run_dir: str, ds_config: str) -> dict:
+    """On 2 ranks: two good steps, then one whose loss is NaN on rank 1 only, then a good one."""
     import copy
 
     from t2i_ds.trainer.trainer import Trainer
 
-    cfg, ds = train.resolve(train.parse_args([*DEBUG, *sets(f"train.run_dir={run_dir}")]))
+    cfg, ds = train.resolve(train.parse_args(["--ds_config", ds_config, *DEBUG[2:], *sets(f"train.run_dir={run_dir}")]))
     tr = Trainer(cfg, ds)
     tr.engine.train()
     assert [tr.train_step(), tr.train_step()] == [False, False]
+    zero = hasattr(tr.engine.optimizer, "single_partition_of_fp32_groups")  # stage 0: the client optimizer itself
 
     def state():
         opt = tr.engine.optimizer
         return {"params": [p.detach().clone() for p in tr.engine.module.parameters()],
-                "master": [t.detach().clone() for t in opt.single_partition_of_fp32_groups],
-                "adam": copy.deepcopy(opt.optimizer.state_dict()["state"]),
+                "master": [t.detach().clone() for t in opt.single_partition_of_fp32_groups] if zero else [],
+                "adam": copy.deepcopy((opt.optimizer if zero else opt).state_dict()["state"]),
                 "lr": tr.engine.get_lr(), "scheduler": tr.engine.lr_scheduler.last_epoch,
                 "data": copy.deepcopy(tr.data.state_dict())}
 
@@ -643,14 +644,43 @@ def nonfinite_step_scenario(rank: int, run_dir: str) -> dict:
             **{f"same_{k}": same(before[k], after[k]) for k in before}}
 
 
-def test_a_nonfinite_step_on_two_zero2_ranks_changes_no_weight(ranks, tmp_path):
-    results = ranks.run(nonfinite_step_scenario, run_dir=str(tmp_path / "run"))
+@pytest.mark.parametrize("ds_config", [DS_ZERO2, DS_ZERO0], ids=["zero2", "zero0"])
+def test_a_nonfinite_step_on_two_ranks_changes_no_weight(ranks, tmp_path, ds_config):
+    results = ranks.run(nonfinite_step_scenario, run_dir=str(tmp_path / "run"), ds_config=ds_config)
     for r in results:
         print(r)
         assert r["skipped"] and r["recovered"] and r["moved_after"] and r["step"] == 4
         assert r["same_params"] and r["same_master"] and r["same_adam"]  # no update, no optimizer state change
         assert r["same_lr"] and r["same_scheduler"]  # no scheduler advance
         assert not r["same_data"]  # the batch was consumed
+
+
+def test_stage0_all_reduces_the_gradients_once_per_step(ranks, tmp_path):
+    """ds_configs/zero0.json on 2 ranks, A = 2 micro-batches per step: DeepSpeed's comms logger counts one
+    all-reduce of the trainable gradients per step and nothing gathered, as t2i_ds.trainer.comms says, and the
+    weights stay the same on both ranks."""
+    from t2i_ds.config import preset
+    from t2i_ds.trainer.comms import counted_volume, expected_volume, parameter_sizes
+    from t2i_ds.trainer.parallelize import build_initialised_model
+
+    cfg = json.loads(Path(DS_ZERO0).read_text())
+    cfg["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
+    (tmp_path / "zero0_comms.json").write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    argv = ["--ds_config", str(tmp_path / "zero0_comms.json"), *DEBUG[2:],
+            *sets(f"train.run_dir={run}", "train.steps=3", "train.tokens_per_step=320", "train.save_final=false")]
+    results = ranks.run(train_main, argv=argv)
+    assert [r["code"] for r in results] == [0, 0], results
+    assert json.loads((run / "plan.json").read_text())["grad_accum"] == 2
+    debug = preset("debug")
+    expected = expected_volume(cfg, parameter_sizes(build_initialised_model(debug, debug.vocab.build())), world=2,
+                               accum=2, param_bytes=4)
+    assert expected.all_reduce > 0 and expected.all_gather == expected.reduce_scatter == 0
+    for m in metrics(run)[1:]:  # step 1 includes the engine's start-up broadcasts
+        got = counted_volume(m)
+        print(m["step"], got, expected)
+        for op in ("all_reduce", "all_gather", "reduce_scatter"):
+            assert getattr(got, op) == pytest.approx(getattr(expected, op), rel=0.05, abs=64), op
 
 
 def test_a_nonfinite_streak_stops_naming_the_last_good_checkpoint(ranks, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+DS_ZERO0 = str(ROOT / "ds_configs" / "zero0.json")
 DS_ZERO2 = str(ROOT / "ds_configs" / "zero2.json")
 DS_ZERO3 = str(ROOT / "ds_configs" / "zero3.json")
 
@@ -57,7 +58,7 @@ def losses(run_dir: Path, key: str = "loss/total") -> dict[int, float]:
 # once per session, on first use, by the `debug_run` fixture of conftest.py.
 DEBUG_STEPS = 6
 DEBUG_RUNS = {
-    "single": (DS_ZERO2, 1, []),
+    "single": (DS_ZERO0, 1, []),  # one rank: stage 0, as ds_configs/README's one-GPU advice
     "zero2_x2": (DS_ZERO2, 2, ["--set", "train.record_samples=true"]),  # the reference of tests/test_multinode.py
     "zero3_x2": (DS_ZERO3, 2, []),
     "zero3_x2_ckpt": (DS_ZERO3, 2, ["--set", "model.grad_checkpointing=true"]),  # recompute must not change the math

@@ -64,9 +64,8 @@ def read_ds_config(path: str | Path) -> dict:
         raise ConfigError(f"--ds_config {path}: expected a JSON object, got {type(cfg).__name__}")
     zero = cfg.get("zero_optimization", {})
     stage = zero.get("stage", 0)
-    if stage not in (1, 2, 3):  # stage 0 in fp32 applies a non-finite gradient: only ZeRO's optimizer checks the norm
-        raise ConfigError(f"--ds_config {path}: zero_optimization.stage={stage!r} must be 1, 2 or 3 (the trainer relies on "
-                          "ZeRO's check of the global gradient norm to skip non-finite steps)")
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"--ds_config {path}: zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
     for section, key in (("zero_optimization", "compute_grad_norm"), ("bf16", "check_grad_overflow")):
         if cfg.get(section, {}).get(key) is False:
             raise ConfigError(f"--ds_config {path}: {section}.{key}=false turns off the skipping of non-finite steps; remove it")

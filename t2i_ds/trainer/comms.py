@@ -19,6 +19,12 @@ P = trainable parameter elements, F = frozen ones, A = micro-batches per step, W
 g = bytes per gradient element on the wire (`communication_data_type`: fp32 = 4 in ds_configs/),
 p = bytes per parameter element (bf16 = 2 on GPUs, fp32 = 4 on CPU ranks).
 
+Stage 0 (`stage0_bytes`, ds_configs/zero0.json: data parallelism without partitions). The gradients accumulate
+locally over the A micro-batches and are all-reduced once, at the step's last backward (DeepSpeed's buffered
+all-reduce); every rank then steps the whole optimizer, so nothing is gathered:
+
+    gradient all-reduce  P x g
+
 ZeRO-2 (`stage2_bytes`). Every micro-batch's backward reduces all trainable gradients (ZeRO-2 keeps only this
 rank's partition of the accumulated gradient, so it cannot wait for the last micro-batch); after the
 optimizer step each rank all-gathers the updated partitions:
@@ -100,6 +106,11 @@ class Volume:
         return self.all_reduce + self.all_gather + self.reduce_scatter
 
 
+def stage0_bytes(params: dict[str, tuple[int, bool]], grad_bytes: int) -> Volume:
+    """Stage 0 from {name: (elements, trainable)}: one all-reduce of the trainable gradients per step."""
+    return Volume(all_reduce=sum(n for n, t in params.values() if t) * grad_bytes)
+
+
 def stage2_bytes(params: dict[str, tuple[int, bool]], world: int, accum: int, grad_bytes: int,
                  param_bytes: int) -> Volume:
     """ZeRO-2 from {name: (elements, trainable)}: A gradient reductions, one all-gather of the partitions."""
@@ -137,6 +148,8 @@ def expected_volume(ds_config: dict, params: dict[str, tuple[int, bool]], world:
     """The formula for this ds_config (ZeRO stage, communication dtype, ZeRO-3 knobs)."""
     zero = ds_config.get("zero_optimization", {})
     grad_bytes = DTYPE_BYTES[ds_config.get("communication_data_type", "fp32")]
+    if zero.get("stage", 0) == 0:
+        return stage0_bytes(params, grad_bytes)
     if zero.get("stage", 0) == 3:
         threshold = zero.get("stage3_param_persistence_threshold", 100_000)
         return stage3_bytes(params, world, accum, grad_bytes, param_bytes, threshold, stage3_regather(zero, params))

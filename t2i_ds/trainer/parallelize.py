@@ -12,7 +12,7 @@ Order (each step needs the previous one):
   3. freeze by preset (requires_grad by open_lm name): frozen parameters get no optimizer state and
      no gradient reduction, because DeepSpeed only sees the trainable ones
   4. activation checkpointing switch (per block, inside the model)
-  5. optimizer (AdamW over trainable parameters) and the LR schedule
+  5. optimizer (AdamW over trainable parameters; t2i_ds.trainer.optim) and the LR schedule
   6. deepspeed.initialize (ZeRO stage, precision, offload from the ds_config)
   7. torch.compile through the engine, if asked
 """
@@ -27,6 +27,7 @@ from t2i_ds.model import Transformer, build_model, model_preset
 from t2i_ds.model.checkpoint import checked_state_dict, extend_vocab, load_aligned_rows, load_into, read_state_dict
 from t2i_ds.model.freeze import apply_freeze
 from t2i_ds.model.head import LMHead
+from t2i_ds.trainer.optim import make_optimizer
 from t2i_ds.trainer.schedule import cosine_with_warmup
 from t2i_ds.vocab import Vocab
 
@@ -60,6 +61,11 @@ def pretrained_state(cfg: Config, vocab: Vocab, dim: int) -> dict:
 
 def zero_stage(ds_config: dict | None) -> int:
     return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def mixed_precision(ds_config: dict) -> bool:
+    """bf16 or fp16 enabled (DeepSpeed then wraps the optimizer in one that checks the gradient norm)."""
+    return any(ds_config.get(p, {}).get("enabled") is True for p in ("bf16", "fp16"))
 
 
 def build_initialised_model(cfg: Config, vocab: Vocab, ds_config: dict | None = None) -> Transformer:
@@ -166,13 +172,7 @@ def resident_parameter_elements(model: torch.nn.Module) -> int:
     return sum(p.data.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) for p in model.parameters())
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    o = cfg.optim
-    fused = device.type == "cuda"  # the fused CUDA AdamW; foreach on CPU
-    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=fused)
-
-
-def wrap_with_deepspeed(model: Transformer, cfg: Config, ds_config: dict, total_steps: int, device: torch.device):
+def wrap_with_deepspeed(model: Transformer, cfg: Config, ds_config: dict, total_steps: int):
     """Steps 5-7. Returns the DeepSpeed engine (its .module is the model)."""
     import deepspeed
 
@@ -184,8 +184,11 @@ def wrap_with_deepspeed(model: Transformer, cfg: Config, ds_config: dict, total_
         ds_config = {**ds_config, "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}}}
         optimizer = None
     else:
+        checked = zero_stage(ds_config) == 0 and not mixed_precision(ds_config)
         ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
-        optimizer = make_optimizer(params, cfg, device)
+        if checked:  # CheckedAdamW clips (to optim.grad_clip) and skips non-finite steps itself
+            ds_config["gradient_clipping"] = 0.0
+        optimizer = make_optimizer(params, cfg, checked)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=sched, config=ds_config
     )

@@ -196,7 +196,7 @@ class Trainer:
         self.freeze_report = model.freeze_report
         self.resume_plan = checkpointing.plan_for(self.resume_from, self.world, self.rank, self.agree)  # may convert
         engine_config = checkpointing.engine_config(self.ds_config, self.resume_plan)  # load_universal if converted
-        self.engine = wrap_with_deepspeed(model, cfg, engine_config, self.steps, self.device)
+        self.engine = wrap_with_deepspeed(model, cfg, engine_config, self.steps)
         self.window = MetricWindow(self.device)
         self.comms = CommsWindow() if logger_enabled(self.ds_config) else None
         self.step = 0
