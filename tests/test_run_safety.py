@@ -27,7 +27,7 @@ from t2i_ds import train
 from t2i_ds.trainer import checkpointing, jit_cache, rundir
 from t2i_ds.trainer.agree import Agreement
 from tests.rank_workers import Ranks, train_main
-from tests.trainer_utils import DS_ZERO0, DS_ZERO2, losses, metrics, write_random_shards, zero_checkpoint_state
+from tests.trainer_utils import DS_ZERO0, DS_ZERO2, ROOT, losses, metrics, write_random_shards, zero_checkpoint_state
 from tests.trainer_utils import train as launch
 
 DEBUG = ["--ds_config", DS_ZERO2, "--preset", "debug"]
@@ -681,6 +681,22 @@ def test_stage0_all_reduces_the_gradients_once_per_step(ranks, tmp_path):
         print(m["step"], got, expected)
         for op in ("all_reduce", "all_gather", "reduce_scatter"):
             assert getattr(got, op) == pytest.approx(getattr(expected, op), rel=0.05, abs=64), op
+
+
+def test_stage0_on_one_rank_sends_nothing_and_learns_the_same(tmp_path):
+    """One rank, stage 0: the engine's gradient all-reduce is off (t2i_ds.trainer.parallelize), so the comms logger
+    counts no gradient bytes, and the losses are the golden single run's (the same math without the copies)."""
+    cfg = json.loads(Path(DS_ZERO0).read_text())
+    cfg["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
+    (tmp_path / "zero0_comms.json").write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    launch(["--ds_config", str(tmp_path / "zero0_comms.json"), *DEBUG[2:],
+            *sets(f"train.run_dir={run}", "train.steps=3", "train.save_final=false")])
+    golden = json.loads((ROOT / "tests" / "assets" / "golden_losses.json").read_text())["losses"]["single"]
+    got = losses(run)
+    for step in (1, 2, 3):
+        assert metrics(run)[step - 1].get("comm/all_reduce/bytes_per_step", 0.0) <= 64, step  # scalars only
+    assert [got[s] for s in (1, 2)] == pytest.approx(golden[:2], rel=1e-5)  # step 3: a 3-step cosine schedule
 
 
 def test_a_nonfinite_streak_stops_naming_the_last_good_checkpoint(ranks, tmp_path):

@@ -138,7 +138,7 @@ def lce_sum_forward(h, w, targets, ignore_index: int, chunk_tokens: int, need_dh
     pass_fn = _grad_pass(grad_pass)
     loss = torch.empty(N, **f32)                                                  # [N]
     dh32 = torch.empty(N, H, **f32) if need_dh else h.new_empty(0, dtype=torch.float32)
-    dw32 = torch.zeros(V, H, **f32) if need_dw else w.new_empty(0, dtype=torch.float32)
+    dw32 = torch.empty(V, H, **f32) if need_dw else w.new_empty(0, dtype=torch.float32)  # the first chunk writes it
     C = min(chunk_tokens, N)
     z_buf = torch.empty(C, V, device=h.device, dtype=h.dtype)                     # [C, V], reused by every chunk
     wt = w.t()                                                                    # [H, V] view
@@ -150,14 +150,17 @@ def lce_sum_forward(h, w, targets, ignore_index: int, chunk_tokens: int, need_dh
         loss[s:e] = pass_fn(z, targets[s:e], ignore_index, write_grad)            # z -> dz when write_grad
         if need_dh:
             _mm_f32(z, w, out=dh32[s:e])                                          # [c, H] = dz @ w
-        if need_dw:
+        if need_dw and s == 0:
+            _mm_f32(z.t(), h_c, out=dw32)                                         # [V, H] = dz^T @ h_c
+        elif need_dw:
             _addmm_f32_(dw32, z.t(), h_c)                                         # [V, H] += dz^T @ h_c
         del h_c, z
     return loss, dh32, dw32
 
 
 def lce_sum_backward(g: torch.Tensor, dh32: torch.Tensor, dw32: torch.Tensor, h_dtype, w_dtype):
-    """(dh, dw) = g * (dh32, dw32), each written straight in its parameter dtype (no fp32 temporary)."""
+    """(dh, dw) = g * (dh32, dw32), each written straight in its parameter dtype (no fp32 temporary). Not in place:
+    the formula must stay functional for torch.compile (AOT autograd) and a retain_graph backward."""
     dh = torch.mul(dh32, g, out=torch.empty(dh32.shape, device=dh32.device, dtype=h_dtype)) if dh32.numel() else None
     dw = torch.mul(dw32, g, out=torch.empty(dw32.shape, device=dw32.device, dtype=w_dtype)) if dw32.numel() else None
     return dh, dw

@@ -21,9 +21,9 @@ p = bytes per parameter element (bf16 = 2 on GPUs, fp32 = 4 on CPU ranks).
 
 Stage 0 (`stage0_bytes`, ds_configs/zero0.json: data parallelism without partitions). The gradients accumulate
 locally over the A micro-batches and are all-reduced once, at the step's last backward (DeepSpeed's buffered
-all-reduce); every rank then steps the whole optimizer, so nothing is gathered:
+all-reduce); every rank then steps the whole optimizer, so nothing is gathered. On one rank nothing is sent:
 
-    gradient all-reduce  P x g
+    gradient all-reduce  P x g          (0 when W = 1)
 
 ZeRO-2 (`stage2_bytes`). Every micro-batch's backward reduces all trainable gradients (ZeRO-2 keeps only this
 rank's partition of the accumulated gradient, so it cannot wait for the last micro-batch); after the
@@ -106,9 +106,10 @@ class Volume:
         return self.all_reduce + self.all_gather + self.reduce_scatter
 
 
-def stage0_bytes(params: dict[str, tuple[int, bool]], grad_bytes: int) -> Volume:
-    """Stage 0 from {name: (elements, trainable)}: one all-reduce of the trainable gradients per step."""
-    return Volume(all_reduce=sum(n for n, t in params.values() if t) * grad_bytes)
+def stage0_bytes(params: dict[str, tuple[int, bool]], world: int, grad_bytes: int) -> Volume:
+    """Stage 0 from {name: (elements, trainable)}: one all-reduce of the trainable gradients per step (none on one
+    rank: t2i_ds.trainer.parallelize turns it off there)."""
+    return Volume(all_reduce=sum(n for n, t in params.values() if t) * grad_bytes if world > 1 else 0.0)
 
 
 def stage2_bytes(params: dict[str, tuple[int, bool]], world: int, accum: int, grad_bytes: int,
@@ -149,7 +150,7 @@ def expected_volume(ds_config: dict, params: dict[str, tuple[int, bool]], world:
     zero = ds_config.get("zero_optimization", {})
     grad_bytes = DTYPE_BYTES[ds_config.get("communication_data_type", "fp32")]
     if zero.get("stage", 0) == 0:
-        return stage0_bytes(params, grad_bytes)
+        return stage0_bytes(params, world, grad_bytes)
     if zero.get("stage", 0) == 3:
         threshold = zero.get("stage3_param_persistence_threshold", 100_000)
         return stage3_bytes(params, world, accum, grad_bytes, param_bytes, threshold, stage3_regather(zero, params))
