@@ -8,7 +8,8 @@ the global norm, the same on every rank), clip, and skip with `overflow = True` 
 
 Why stage 0 at all: on one rank ZeRO partitions nothing and costs a copy of every gradient into its buckets, a
 flatten, an fp64 norm and a copy of the fp32 partition back into the weights per step; at dim 512 with the
-paper's vocabulary on one CPU core that was ~1 s of a ~4.5 s step (benchmarks/README.md, "The training step").
+paper's vocabulary on one CPU core that was ~1 s of a ~4.5 s step: 271 tokens/s under zero2.json, 360 under
+zero0.json (benchmarks/results/peers.jsonl).
 """
 
 from __future__ import annotations
