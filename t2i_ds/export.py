@@ -9,7 +9,8 @@ config.json (a StableLm, or Llama for RMSNorm models, with the image vocabulary 
 model.safetensors, and the run's text tokenizer (`AutoTokenizer.from_pretrained(dir)`). `init.checkpoint=dir` reads
 it back for `train`.
 
-Any ZeRO stage (0 included) and world size: DeepSpeed's `zero_to_fp32` consolidates the partitions (t2i_ds.inference).
+Any ZeRO stage and world size: DeepSpeed's `zero_to_fp32` consolidates the partitions; a stage-0 checkpoint's
+module weights are read as they are (t2i_ds.inference).
 """
 
 from __future__ import annotations

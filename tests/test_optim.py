@@ -69,3 +69,23 @@ def test_make_optimizer_checks_only_when_asked_and_fuses():
     assert type(plain) is torch.optim.AdamW
     for opt in (checked, plain):
         assert opt.defaults["fused"] is True and opt.defaults["lr"] == cfg.optim.lr
+
+
+def test_a_closure_recomputes_the_gradients_before_the_check():
+    params = _params()
+    opt = CheckedAdamW(params, max_norm=1.0, **KW)
+    before = params[0].detach().clone()
+
+    def closure():
+        loss = sum((p * p).sum() for p in params)
+        opt.zero_grad()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and not opt.overflow and not torch.equal(params[0], before)
+    nan = lambda: (params[0].sum() * float("nan")).backward() or torch.tensor(0.0)  # noqa: E731
+    opt.zero_grad()
+    moved = params[0].detach().clone()
+    opt.step(nan)
+    assert opt.overflow and torch.equal(params[0], moved)

@@ -40,17 +40,20 @@ class CheckedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is not None:
-            raise NotImplementedError("CheckedAdamW.step takes no closure (DeepSpeed never passes one)")
+        loss = None
+        if closure is not None:  # as torch's optimizers: the closure recomputes the gradients first
+            with torch.enable_grad():
+                loss = closure()
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)  # fp32 scalar
         self.overflow = not bool(torch.isfinite(norm))  # one host sync, as ZeRO's own check has
         self._global_grad_norm = float("inf") if self.overflow else norm
         if self.overflow:
-            return None
+            return loss
         if self.max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm, foreach=True)
-        return super().step()
+        super().step()
+        return loss
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: Config, checked: bool) -> torch.optim.Optimizer:

@@ -177,6 +177,7 @@ def wrap_with_deepspeed(model: Transformer, cfg: Config, ds_config: dict, total_
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
+    stage0 = zero_stage(ds_config) == 0
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     o = cfg.optim
     sched = lambda opt: cosine_with_warmup(opt, o.warmup_steps, total_steps, o.min_lr_ratio)  # noqa: E731
@@ -184,7 +185,7 @@ def wrap_with_deepspeed(model: Transformer, cfg: Config, ds_config: dict, total_
         ds_config = {**ds_config, "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}}}
         optimizer = None
     else:
-        checked = zero_stage(ds_config) == 0 and not mixed_precision(ds_config)
+        checked = stage0 and not mixed_precision(ds_config)
         ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
         if checked:  # CheckedAdamW clips (to optim.grad_clip) and skips non-finite steps itself
             ds_config["gradient_clipping"] = 0.0
@@ -192,7 +193,7 @@ def wrap_with_deepspeed(model: Transformer, cfg: Config, ds_config: dict, total_
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=sched, config=ds_config
     )
-    if zero_stage(ds_config) == 0 and engine.dp_world_size == 1:
+    if stage0 and engine.dp_world_size == 1:
         # stage 0's all-reduce over one rank is a flatten and a copy back of every gradient, 0.2 s of a 3.6 s step at
         # dim 512 on one CPU core; DeepSpeed turns it off the same way without a process group (and ZeRO-1/2/3 keep
         # it: their gradient epilogue runs in it)
